@@ -1,0 +1,40 @@
+"""jlora: LoRA for JAX as a pure function over parameter pytrees.
+
+>>> import jax, jax.numpy as jnp, jlora
+>>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+>>> spec = jlora.LoraSpec(rank=2, alpha=4.0, targets=["dense"])
+>>> adapters = jlora.init(spec, params, jax.random.key(0))
+>>> y = jlora.lora(lambda p, x: x @ p["dense"]["kernel"])(params, adapters, jnp.ones((1, 4)))
+"""
+
+from jlora._adapter import Layout, LoraAdapter, is_adapter
+from jlora._engine import Explanation, Uses
+from jlora._init import init
+from jlora._lora import explain, lora
+from jlora._merge import delta, merge, unmerge
+from jlora._optim import labels, optimizer, summary
+from jlora._spec import LoraSpec
+from jlora._types import Adapters, Params, Path
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapters",
+    "Explanation",
+    "Layout",
+    "LoraAdapter",
+    "LoraSpec",
+    "Params",
+    "Path",
+    "Uses",
+    "delta",
+    "explain",
+    "init",
+    "is_adapter",
+    "labels",
+    "lora",
+    "merge",
+    "optimizer",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,143 @@
+"""Creating adapters: target selection, layouts, and the initial factors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora._adapter import Layout, LoraAdapter
+from jlora._layout import discover
+from jlora._paths import describe, leaves_with_paths, shape_of
+from jlora._spec import LoraSpec, callable_selector
+from jlora._tree import build_like
+from jlora._types import Adapters, Array, Params, Path
+
+
+def init(
+    spec: LoraSpec,
+    params: Params,
+    key: Array,
+    *,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    dtype: Any = None,
+) -> Adapters:
+    """Create fresh adapters (random A, zero B) for the leaves ``spec`` targets.
+
+    With ``fn`` and example ``args`` (arrays or ``jax.ShapeDtypeStruct`` s) the layout of
+    every target (stack, input and output axes) is learned from how
+    ``fn(params, *args, **kwargs)`` uses it; this is needed for kernels of more than two
+    axes and for transposed storage (Hugging Face GPT-2). Without ``fn`` a 2-D leaf is
+    read as ``(in, out)``, the Flax convention.
+
+    Args:
+      spec: what to adapt and how.
+      params: the frozen base (arrays or ``jax.ShapeDtypeStruct`` s).
+      key: a PRNG key for A.
+      fn: the model function, as it will be passed to :func:`jlora.lora`.
+      args: example positional arguments of ``fn`` after ``params``.
+      kwargs: example keyword arguments of ``fn``.
+      dtype: factor dtype; default the weight's dtype, float32 for 16-bit weights.
+
+    Returns:
+      The adapters tree: ``params``' structure with a :class:`LoraAdapter` at each
+      target (and a copy of each ``spec.trainable`` leaf), other branches pruned.
+
+    Raises:
+      ValueError: nothing matches, a rank is out of range, a target is not floating
+        point, or an N-D target's layout cannot be learned.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4)), "bias": jnp.zeros(4)}}
+      >>> adapters = init(LoraSpec(rank=2, targets=["dense"]), params, jax.random.key(0))
+      >>> adapters["dense"]["kernel"].lora_a.shape, adapters["dense"]["kernel"].lora_b.shape
+      ((6, 2), (2, 4))
+    """
+    targets = spec.select(params)
+    layouts = _layouts(targets, params, fn, args, kwargs, spec.targets)
+    if fn is not None and not callable_selector(spec.targets):
+        # Matched by name or regex but never used as a weight (a stacked bias or norm
+        # scale of a scanned model): not a target.
+        unused = [path for path, _ in targets if path not in layouts]
+        targets = [(path, leaf) for path, leaf in targets if path in layouts]
+        if not targets:
+            raise ValueError(
+                f"LoraSpec.targets={spec.targets!r} matches {unused[:8]}, but fn uses none "
+                "of them as a matmul, convolution or lookup weight"
+            )
+    keys = jax.random.split(key, len(targets))
+    nodes: dict[Path, Any] = {}
+    for (path, leaf), leaf_key in zip(targets, keys):
+        layout = layouts[path]
+        rank = spec.rank_for(path)
+        limit = min(layout.in_features, layout.out_features)
+        if rank > limit:
+            raise ValueError(
+                f"rank {rank} at {path!r} exceeds min(in, out) = min({layout.in_features}, "
+                f"{layout.out_features}) = {limit} for its weight of shape "
+                f"{list(layout.weight_shape)}; lower LoraSpec.rank or set rank_pattern"
+            )
+        factor_dtype = _factor_dtype(leaf, dtype)
+        nodes[path] = LoraAdapter(
+            lora_a=_init_a(spec.init, leaf_key, layout, rank, factor_dtype),
+            lora_b=jnp.zeros(layout.b_shape(rank), factor_dtype),
+            scale=spec.scale_for(path),
+            layout=layout,
+            dropout=float(spec.dropout),
+        )
+    for path, leaf in leaves_with_paths(params):
+        if path not in nodes and spec.is_trainable(path, leaf):
+            nodes[path] = jnp.array(leaf, copy=True)
+    return build_like(params, nodes)
+
+
+def _layouts(targets, params, fn, args, kwargs, spec_targets) -> dict[Path, Layout]:
+    if fn is not None:
+        found = discover(fn, params, [p for p, _ in targets], args, kwargs)
+        if not callable_selector(spec_targets):
+            return found
+    else:
+        found = {}
+    layouts = {}
+    for path, leaf in targets:
+        shape = shape_of(leaf)
+        if path in found:
+            layouts[path] = found[path]
+        elif len(shape) == 2:
+            layouts[path] = Layout.dense(shape)
+        elif fn is None:
+            raise ValueError(
+                f"target {path!r} is a {describe(leaf)} leaf: for weights of more than two "
+                "axes jlora learns which axes are input, output and stack axes from how "
+                "the model uses them. Pass fn=<the model function> and args=<example "
+                "inputs> to jlora.init."
+            )
+        else:
+            raise ValueError(
+                f"could not learn the layout of {path!r} ({describe(leaf)}) from fn: it "
+                "is never used by a matmul, convolution or row lookup in the traced "
+                "computation. Exclude it from the targets."
+            )
+    return layouts
+
+
+def _factor_dtype(leaf: Any, dtype: Any) -> Any:
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    leaf_dtype = jnp.dtype(leaf.dtype)
+    return leaf_dtype if leaf_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def _init_a(kind: str, key: Array, layout: Layout, rank: int, dtype: Any) -> Array:
+    shape = layout.a_shape(rank)
+    if kind == "gaussian":  # PEFT's "gaussian": std 1/r
+        return (jax.random.normal(key, shape, jnp.float32) / rank).astype(dtype)
+    # PEFT's default: kaiming_uniform_(a=sqrt(5)) on (r, in) gives U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1.0 / math.sqrt(layout.in_features)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)

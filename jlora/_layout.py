@@ -1,0 +1,250 @@
+"""Layout discovery: learn each target's stack/input/output axes from how ``fn`` uses it.
+
+``fn`` is traced once to a jaxpr (abstract inputs are enough) and walked. Every value
+derived from a target by layout-only operations carries a *view*: for each of its axes,
+the set of the original weight's axes it came from. The first factorizable use decides
+the layout (an embedding lookup wins over a matmul, so a tied embedding keeps its
+vocabulary axis as the input axis, as PEFT's ``lora_embedding_A`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jax.extend import core as jcore
+
+from jlora._adapter import Layout
+from jlora._types import Path
+
+P = jcore.primitives
+
+
+def reshape_segments(
+    old_shape: Sequence[int], new_shape: Sequence[int]
+) -> list[tuple[list[int], list[int]]] | None:
+    """Pair groups of non-unit old axes with the new axes a reshape turns them into.
+
+    Returns ``[(old_axes, new_axes), ...]`` covering every axis of size > 1, or None
+    when the shapes do not factor into such groups.
+    """
+    old = [(i, d) for i, d in enumerate(old_shape) if d != 1]
+    new = [(j, d) for j, d in enumerate(new_shape) if d != 1]
+    segments, i, j = [], 0, 0
+    while i < len(old) and j < len(new):
+        old_axes, new_axes = [old[i][0]], [new[j][0]]
+        old_size, new_size = old[i][1], new[j][1]
+        while old_size != new_size:
+            if old_size < new_size:
+                i += 1
+                if i >= len(old):
+                    return None
+                old_axes.append(old[i][0])
+                old_size *= old[i][1]
+            else:
+                j += 1
+                if j >= len(new):
+                    return None
+                new_axes.append(new[j][0])
+                new_size *= new[j][1]
+        segments.append((old_axes, new_axes))
+        i, j = i + 1, j + 1
+    if i != len(old) or j != len(new):
+        return None
+    return segments
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    path: Path
+    axes: tuple[frozenset, ...]  # per current axis: original weight axes it holds
+    stacked: frozenset = frozenset()  # original axes sliced away (scan, indexing)
+
+
+@dataclasses.dataclass
+class _Proposal:
+    kind: str  # "gather", "dot" or "conv"
+    stack: frozenset
+    inputs: frozenset
+    outputs: frozenset
+
+
+_PASS_THROUGH = {
+    P.convert_element_type_p,
+    P.copy_p,
+    P.sharding_constraint_p,
+    P.reduce_precision_p,
+}
+
+
+class _Walker:
+    def __init__(self):
+        self.proposals: dict[Path, list[_Proposal]] = {}
+
+    def propose(self, view: _View, kind: str, inputs, outputs, stack=frozenset()):
+        inputs, outputs = frozenset(inputs), frozenset(outputs)
+        stack = frozenset(stack) | view.stacked
+        if inputs & outputs or inputs & stack or outputs & stack or not inputs or not outputs:
+            return
+        self.proposals.setdefault(view.path, []).append(_Proposal(kind, stack, inputs, outputs))
+
+    def walk(self, jaxpr: jcore.Jaxpr, in_views: Sequence[_View | None]) -> list[_View | None]:
+        env: dict[Any, _View] = {}
+        for var, view in zip(jaxpr.invars, in_views):
+            if view is not None:
+                env[var] = view
+
+        def read(atom):
+            return None if isinstance(atom, jcore.Literal) else env.get(atom)
+
+        for eqn in jaxpr.eqns:
+            views = [read(v) for v in eqn.invars]
+            if not any(views):
+                continue
+            outs = self.eqn(eqn, views)
+            for var, view in zip(eqn.outvars, outs):
+                if view is not None and not isinstance(var, jcore.DropVar):
+                    env[var] = view
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, views) -> list[_View | None]:
+        prim, params = eqn.primitive, eqn.params
+        none = [None] * len(eqn.outvars)
+        view = views[0]
+        if prim in _PASS_THROUGH:
+            return [view]
+        if prim is P.transpose_p:
+            return [
+                dataclasses.replace(view, axes=tuple(view.axes[p] for p in params["permutation"]))
+            ]
+        if prim is P.reshape_p or prim is P.squeeze_p:
+            old_shape = eqn.invars[0].aval.shape
+            new_shape = eqn.outvars[0].aval.shape
+            segments = reshape_segments(old_shape, new_shape)
+            if segments is None:
+                return none
+            axes = [frozenset()] * len(new_shape)
+            for old_axes, new_axes in segments:
+                merged = frozenset().union(*(view.axes[a] for a in old_axes))
+                for a in new_axes:
+                    axes[a] = merged
+            dropped = frozenset().union(*(view.axes[a] for a, d in enumerate(old_shape) if d == 1))
+            return [
+                _View(view.path, tuple(axes), view.stacked | (dropped - frozenset().union(*axes)))
+            ]
+        if prim is P.broadcast_in_dim_p:
+            old_shape = eqn.invars[0].aval.shape
+            new_shape = eqn.outvars[0].aval.shape
+            dims = params["broadcast_dimensions"]
+            if any(old_shape[i] != new_shape[d] for i, d in enumerate(dims)):
+                return none
+            if any(new_shape[d] != 1 for d in range(len(new_shape)) if d not in dims):
+                return none
+            axes = [frozenset()] * len(new_shape)
+            for i, d in enumerate(dims):
+                axes[d] = view.axes[i]
+            return [dataclasses.replace(view, axes=tuple(axes))]
+        if prim in (P.slice_p, P.dynamic_slice_p):
+            return [view] if view is not None else none
+        if prim is P.dot_general_p:
+            (lc, rc), (lb, rb) = params["dimension_numbers"]
+            for side, (contract, batch) in enumerate(((lc, lb), (rc, rb))):
+                if views[side] is not None:
+                    v = views[side]
+                    ins = frozenset().union(*(v.axes[a] for a in contract))
+                    stack = frozenset().union(*(v.axes[a] for a in batch))
+                    free = [a for a in range(len(v.axes)) if a not in contract and a not in batch]
+                    outs = frozenset().union(*(v.axes[a] for a in free))
+                    self.propose(v, "dot", ins, outs, stack)
+            return none
+        if prim is P.conv_general_dilated_p:
+            if len(views) > 1 and views[1] is not None:
+                v = views[1]
+                rhs_spec = params["dimension_numbers"].rhs_spec
+                outs = v.axes[rhs_spec[0]]
+                ins = frozenset().union(*(v.axes[a] for a in rhs_spec[1:]))
+                self.propose(v, "conv", ins, outs)
+            return none
+        if prim is P.gather_p:
+            if view is not None:
+                dims = params["dimension_numbers"]
+                ins = frozenset().union(*(view.axes[a] for a in dims.start_index_map))
+                rest = [a for a in range(len(view.axes)) if a not in dims.start_index_map]
+                outs = frozenset().union(*(view.axes[a] for a in rest))
+                self.propose(view, "gather", ins, outs)
+            return none
+        return self.higher_order(eqn, views) or none
+
+    def higher_order(self, eqn, views) -> list[_View | None] | None:
+        prim, params = eqn.primitive, eqn.params
+        if prim in (P.jit_p, P.closed_call_p):
+            inner = params.get("jaxpr", params.get("call_jaxpr"))
+            return self.walk(inner.jaxpr, views)
+        if prim in (P.custom_jvp_call_p, P.custom_vjp_call_p):
+            return self.walk(params["call_jaxpr"].jaxpr, views)
+        if prim is P.remat_p:
+            return self.walk(params["jaxpr"], views)
+        if prim is P.scan_p:
+            n_fixed = params["num_consts"] + params["num_carry"]
+            inner = []
+            for i, view in enumerate(views):
+                if view is not None and i >= n_fixed:
+                    view = _View(view.path, view.axes[1:], view.stacked | view.axes[0])
+                inner.append(view)
+            self.walk(params["jaxpr"].jaxpr, inner)
+            return None
+        if prim is P.while_p:
+            n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+            self.walk(params["cond_jaxpr"].jaxpr, views[:n_cond] + views[n_cond + n_body :])
+            self.walk(params["body_jaxpr"].jaxpr, views[n_cond:])
+            return None
+        if prim is P.cond_p:
+            for branch in params["branches"]:
+                self.walk(branch.jaxpr, views[1:])
+            return None
+        return None
+
+
+def discover(
+    fn: Callable,
+    params: Any,
+    target_paths: Sequence[Path],
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> dict[Path, Layout]:
+    """Learn the layout of each target path from how ``fn(params, *args, **kwargs)`` uses it.
+
+    Targets that ``fn`` never uses in a matmul, convolution or row lookup get no entry.
+    """
+    from jlora._trace import trace  # local: _trace imports the engine's helpers
+
+    traced = trace(fn, params, tuple(args), dict(kwargs or {}))
+    wanted = set(target_paths)
+    in_views = []
+    for path, aval in zip(traced.param_paths, traced.param_avals):
+        if path in wanted:
+            in_views.append(_View(path, tuple(frozenset([i]) for i in range(len(aval.shape)))))
+        else:
+            in_views.append(None)
+    walker = _Walker()
+    all_views = in_views + [None] * (len(traced.jaxpr.jaxpr.invars) - len(in_views))
+    walker.walk(traced.jaxpr.jaxpr, all_views)
+
+    layouts = {}
+    shapes = dict(zip(traced.param_paths, (a.shape for a in traced.param_avals)))
+    for path, proposals in walker.proposals.items():
+        best = next((p for p in proposals if p.kind == "gather"), proposals[0])
+        shape = shapes[path]
+        unit_axes = {a for a, d in enumerate(shape) if d == 1} - best.stack - best.outputs
+        inputs = best.inputs | unit_axes
+        try:
+            layouts[path] = Layout(
+                tuple(shape),
+                tuple(sorted(best.stack)),
+                tuple(sorted(inputs)),
+                tuple(sorted(best.outputs)),
+            )
+        except ValueError:
+            continue  # axes the use did not account for: leave it to the caller
+    return layouts

@@ -1,0 +1,75 @@
+"""``jlora.lora`` and ``jlora.explain``: the engine's two public doors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from jlora._engine import Explanation, Uses, run
+from jlora._types import Adapters, Array, Params
+
+
+def lora(fn: Callable) -> Callable:
+    """Transform ``fn(params, *args, **kwargs)`` to run with adapters on its weights.
+
+    ``lora(fn)(params, adapters, *args, lora_key=None, **kwargs)`` equals
+    ``fn(jlora.merge(params, adapters), *args, **kwargs)`` in values and in gradients
+    with respect to ``adapters``, but each targeted weight is used in factored form
+    (``x·W + s·(x·A)·B``): no ``W + s·B·A`` is built and the frozen base gets no
+    gradient. ``fn`` itself is not modified; any JAX function works (a Flax
+    ``model.apply``, an NNX ``graphdef`` call, an Equinox model, a Hugging Face Flax
+    model with ``params=``). Non-array arguments (flags, strings) are treated as static.
+
+    Args:
+      fn: the model function; its first argument is the params tree.
+
+    Returns:
+      ``fn_lora(params, adapters, *args, lora_key=None, **kwargs)``. ``lora_key`` (a PRNG
+      key) turns on LoRA dropout on the low-rank path for adapters made with
+      ``LoraSpec(dropout > 0)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=1, targets="w"), params, jax.random.key(0))
+      >>> jlora.lora(lambda p, x: x @ p["w"])(params, adapters, jnp.ones((1, 3)))
+      Array([[3., 3.]], dtype=float32)
+    """
+
+    @functools.wraps(fn)
+    def fn_lora(
+        params: Params, adapters: Adapters, *args: Any, lora_key: Array | None = None, **kwargs: Any
+    ) -> Any:
+        return run(fn, params, adapters, args, kwargs, key=lora_key)
+
+    return fn_lora
+
+
+def explain(
+    fn: Callable, params: Params, adapters: Adapters, *args: Any, **kwargs: Any
+) -> Explanation:
+    """Report, per target, how many uses ran factored and how many built ``W + s·B·A``.
+
+    Traces ``lora(fn)(params, adapters, *args, **kwargs)`` once (abstract inputs are
+    enough) and counts what the engine did at each use of each targeted weight. A
+    use falls back to the dense form when no rule fits it (the weight fed to an
+    operation other than a matmul, convolution, lookup or layout change).
+
+    Returns:
+      ``{path: Uses(factored, materialized)}``, printed as a table.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=1, targets="w"), params, jax.random.key(0))
+      >>> jlora.explain(lambda p, x: x @ p["w"], params, adapters, jnp.ones((1, 3)))["w"]
+      Uses(factored=1, materialized=0)
+    """
+    import jax
+
+    counts: dict = {}
+    jax.eval_shape(
+        lambda p, a, ar, kw: run(fn, p, a, ar, kw, counts=counts), params, adapters, args, kwargs
+    )
+    return Explanation({path: Uses(*c) for path, c in counts.items()})

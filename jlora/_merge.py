@@ -1,0 +1,113 @@
+"""Merging adapters into the base weights, and taking them back out."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora._adapter import LoraAdapter
+from jlora._engine import add_delta
+from jlora._paths import path_str
+from jlora._tree import match
+from jlora._types import Adapters, Array, Params
+
+
+def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) -> Params:
+    nodes = match(params, adapters)
+
+    def update(key_path, weight):
+        path = path_str(key_path)
+        node = nodes.get(path)
+        if node is None:
+            return weight
+        if not isinstance(node, LoraAdapter):  # a trainable copy replaces the base leaf
+            return node if sign > 0 else weight
+        delta = node.delta()
+        out = add_delta(weight, delta if sign > 0 else -delta)
+        if check_finite:
+            _check_finite(path, out)
+        return _keep_sharding(out, weight)
+
+    return jax.tree_util.tree_map_with_path(update, params)
+
+
+def _keep_sharding(out: Array, weight: Array) -> Array:
+    sharding = getattr(weight, "sharding", None)
+    if isinstance(weight, jax.Array) and not isinstance(weight, jax.core.Tracer) and sharding:
+        return jax.device_put(out, sharding)
+    return out
+
+
+def _check_finite(path: str, out: Array) -> None:
+    if isinstance(out, jax.core.Tracer):
+        raise ValueError(
+            f"merge(..., check_finite=True) needs concrete arrays; {path!r} is traced. "
+            "Call it outside jax.jit."
+        )
+    if not bool(jnp.all(jnp.isfinite(out))):
+        raise FloatingPointError(f"merging the adapter at {path!r} gives NaN or Inf values")
+
+
+def merge(params: Params, adapters: Adapters, *, check_finite: bool = False) -> Params:
+    """``W + scale * B·A`` at every adapted leaf; other leaves returned as they are.
+
+    Each merged leaf keeps its dtype (the sum is formed in float32 or wider) and, for
+    concrete arrays, its sharding. Trainable copies in ``adapters`` replace their
+    base leaves.
+
+    Args:
+      params: the frozen base.
+      adapters: adapters made for ``params``.
+      check_finite: raise if a merged leaf holds NaN or Inf (not under ``jit``).
+
+    Returns:
+      A new params tree; ``params`` is not modified.
+
+    Raises:
+      ValueError: adapters that do not fit ``params`` (names the path and shapes).
+      FloatingPointError: with ``check_finite``, a non-finite merged leaf (names it).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"w": jnp.zeros((3, 2))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=1, alpha=1.0, targets="w"), params,
+      ...                       jax.random.key(0))
+      >>> bool((merge(params, adapters)["w"] == 0).all())  # B starts at zero
+      True
+    """
+    return _apply(params, adapters, 1.0, check_finite)
+
+
+def unmerge(params: Params, adapters: Adapters, *, check_finite: bool = False) -> Params:
+    """Subtract the adapters' update: ``unmerge(merge(p, a), a)`` gives back ``p``.
+
+    Trainable copies cannot be un-merged (their base values are gone); those leaves
+    are returned unchanged.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> spec = jlora.LoraSpec(rank=1, targets="w")
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> restored = unmerge(merge(params, adapters), adapters)
+      >>> bool(jnp.allclose(restored["w"], params["w"]))
+      True
+    """
+    return _apply(params, adapters, -1.0, check_finite)
+
+
+def delta(adapters: Adapters) -> Adapters:
+    """Each adapter's dense update ``scale * B·A`` in its weight's shape (for inspection).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=1, targets="w"),
+      ...                       {"w": jnp.ones((3, 2))}, jax.random.key(0))
+      >>> delta(adapters)["w"].shape
+      (3, 2)
+    """
+    return jax.tree_util.tree_map(
+        lambda node: node.delta() if isinstance(node, LoraAdapter) else node,
+        adapters,
+        is_leaf=lambda node: isinstance(node, LoraAdapter),
+    )

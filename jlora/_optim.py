@@ -1,0 +1,123 @@
+"""Optimizers over the adapters tree (LoRA+, extra trainable leaves) and ``summary``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import optax
+
+from jlora._adapter import LoraAdapter, is_adapter
+from jlora._paths import leaves_with_paths, path_str
+from jlora._spec import _matches
+from jlora._types import Adapters, Params, Selector
+
+
+def labels(adapters: Adapters, trainable: Selector | None = None) -> Adapters:
+    """Label every array of the adapters tree for ``optax.partition``.
+
+    ``"lora_a"`` / ``"lora_b"`` for the factors; for trainable copies of base leaves,
+    ``"trainable"`` if ``trainable`` is None or names them, else ``"frozen"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=1, targets="w"),
+      ...                       {"w": jnp.ones((3, 2))}, jax.random.key(0))
+      >>> labels(adapters)["w"].lora_b
+      'lora_b'
+    """
+
+    def label(key_path, leaf):
+        path = path_str(key_path)
+        last = key_path[-1] if key_path else None
+        if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("lora_a", "lora_b"):
+            return last.name
+        if trainable is None or _matches(trainable, path, leaf, need_matrix=False):
+            return "trainable"
+        return "frozen"
+
+    return jax.tree_util.tree_map_with_path(label, adapters)
+
+
+def optimizer(
+    tx: optax.GradientTransformation,
+    adapters: Adapters,
+    *,
+    lora_plus_ratio: float | None = None,
+    trainable: Selector | None = None,
+) -> optax.GradientTransformation:
+    """``optax.partition`` over the adapters tree.
+
+    ``tx`` trains A; B gets ``tx`` followed by ``optax.scale(lora_plus_ratio)`` (LoRA+:
+    for optimizers whose update is linear in the learning rate, Adam and SGD among
+    them, this is B's learning rate times the ratio). Trainable copies of base
+    leaves (``LoraSpec.trainable``) train with ``tx`` when ``trainable`` is None or
+    names them; others are frozen.
+
+    Args:
+      tx: the base optimizer, e.g. ``optax.adamw(1e-3)``.
+      adapters: the adapters tree (its structure fixes the labels).
+      lora_plus_ratio: LoRA+ ratio of B's learning rate to A's (PEFT suggests 16).
+      trainable: which trainable copies to train (names, regex or predicate).
+
+    Returns:
+      An ``optax.GradientTransformation`` for the adapters tree.
+
+    Raises:
+      ValueError: ``trainable`` names no trainable copy present in ``adapters``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jlora
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=1, targets="w"),
+      ...                       {"w": jnp.ones((3, 2))}, jax.random.key(0))
+      >>> tx = optimizer(optax.adam(1e-3), adapters, lora_plus_ratio=16.0)
+      >>> state = tx.init(adapters)
+    """
+    tree_labels = labels(adapters, trainable)
+    if trainable is not None and "trainable" not in jax.tree_util.tree_leaves(tree_labels):
+        copies = [
+            p for p, n in leaves_with_paths(adapters, is_leaf=is_adapter) if not is_adapter(n)
+        ]
+        raise ValueError(
+            f"optimizer(trainable={trainable!r}) names no trainable leaf of the adapters "
+            f"tree (its trainable copies: {copies or 'none'}). Put base leaves in the "
+            "adapters with LoraSpec(trainable=...) before jlora.init."
+        )
+    b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(float(lora_plus_ratio)))
+    transforms = {
+        "lora_a": tx,
+        "lora_b": b_tx,
+        "trainable": tx,
+        "frozen": optax.set_to_zero(),
+    }
+    return optax.partition(transforms, tree_labels)
+
+
+def _count(tree: Any) -> int:
+    return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+
+
+def summary(params: Params, adapters: Adapters) -> str:
+    """PEFT's one-line parameter count: trainable, all, and the trainable share.
+
+    All parameters are the base's plus the adapters' (as PEFT counts a LoRA model).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"w": jnp.ones((100, 100))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=2, targets="w"), params, jax.random.key(0))
+      >>> summary(params, adapters)
+      'trainable params: 400 || all params: 10,400 || trainable%: 3.8462'
+    """
+    trainable = _count(adapters)
+    factors = _count(
+        [
+            n
+            for _, n in leaves_with_paths(adapters, is_leaf=is_adapter)
+            if isinstance(n, LoraAdapter)
+        ]
+    )
+    total = _count(params) + factors
+    share = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"

@@ -1,0 +1,241 @@
+"""``LoraSpec``: what to adapt and how, and matching it against leaf paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._paths import describe, leaves_with_paths, shape_of
+from jlora._types import Params, Path, Selector
+
+_INITS = ("kaiming", "gaussian")
+
+
+def _as_selector(value: Any, field: str) -> Any:
+    if value is None or isinstance(value, str) or callable(value):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        names = tuple(value)
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"LoraSpec.{field}: expected a regex string, a list of names or a "
+                    f"callable (path, leaf) -> bool; found a list holding {name!r}"
+                )
+        return names
+    raise TypeError(
+        f"LoraSpec.{field}: expected a regex string, a list of names or a callable "
+        f"(path, leaf) -> bool; found {type(value).__name__}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What to adapt and how: the LoRA hyper-parameters of a fine-tuning run.
+
+    Args:
+      rank: rank ``r`` of every adapter (overridden per path by ``rank_pattern``).
+      alpha: LoRA alpha; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+        with ``rslora=True``).
+      targets: which leaves get an adapter. A ``str`` is a regex matched with
+        ``re.fullmatch`` against the leaf path (``"params/.*/(query|value)/kernel"``);
+        a list of names targets a leaf when a name equals one of the components of
+        its module path (every component but the leaf's own name), so
+        ``["query", "value"]`` hits ``.../attention/query/kernel``; a callable
+        ``(path, leaf) -> bool`` decides itself. With names or a regex only floating
+        leaves of two or more dimensions are eligible (kernels and embeddings, never
+        biases or norm scales, even stacked ones); when ``jlora.init`` gets ``fn``,
+        only leaves ``fn`` uses as a matmul, convolution or lookup weight.
+      exclude: leaves never targeted, in any of the forms of ``targets``.
+      dropout: LoRA dropout rate on the low-rank path's input (needs ``lora_key``).
+      init: ``"kaiming"`` (kaiming-uniform A, zero B, as PEFT's default) or
+        ``"gaussian"`` (A ~ N(0, (1/r)^2), zero B, as PEFT's ``"gaussian"``).
+      rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
+      rank_pattern: ``{regex: rank}`` overriding ``rank`` per path (PEFT semantics:
+        the regex matches the end of the module path at a ``/`` boundary).
+      alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` per path, likewise.
+      trainable: base leaves trained in full beside the adapters (a classifier
+        head, biases: PEFT's ``modules_to_save``), in any of the forms of ``targets``;
+        ``jlora.init`` puts a copy of each in the adapters tree.
+
+    Example:
+      >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
+      >>> spec.scale_for("encoder/attention/query/kernel")
+      2.0
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Selector | None = None
+    exclude: Selector | None = None
+    dropout: float = 0.0
+    init: str = "kaiming"
+    rslora: bool = False
+    rank_pattern: Mapping[str, int] | None = None
+    alpha_pattern: Mapping[str, float] | None = None
+    trainable: Selector | None = None
+
+    def __post_init__(self):
+        if self.targets is None:
+            raise ValueError(
+                "LoraSpec.targets is required: a regex on leaf paths, a list of module "
+                "names (e.g. ['query', 'value']) or a callable (path, leaf) -> bool"
+            )
+        for field in ("targets", "exclude", "trainable"):
+            object.__setattr__(self, field, _as_selector(getattr(self, field), field))
+        if not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            raise ValueError(f"LoraSpec.rank must be a positive integer; found {self.rank!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1); found {self.dropout!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"LoraSpec.init must be one of {_INITS}; found {self.init!r}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, field)
+            if pattern is not None:
+                object.__setattr__(self, field, dict(pattern))
+                for regex in pattern:
+                    re.compile(regex)
+        for regex, rank in (self.rank_pattern or {}).items():
+            if not isinstance(rank, (int, np.integer)) or rank <= 0:
+                raise ValueError(
+                    f"LoraSpec.rank_pattern[{regex!r}] must be a positive integer; found {rank!r}"
+                )
+
+    # -- per-path hyper-parameters ---------------------------------------------------
+
+    def rank_for(self, path: Path) -> int:
+        """The rank of the adapter at ``path`` (``rank_pattern`` first)."""
+        return int(_pattern_value(self.rank_pattern, path, self.rank))
+
+    def alpha_for(self, path: Path) -> float:
+        """The alpha of the adapter at ``path`` (``alpha_pattern`` first)."""
+        return float(_pattern_value(self.alpha_pattern, path, self.alpha))
+
+    def scale_for(self, path: Path) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) at ``path``."""
+        rank = self.rank_for(path)
+        denominator = math.sqrt(rank) if self.rslora else rank
+        return self.alpha_for(path) / denominator
+
+    # -- matching ----------------------------------------------------------------------
+
+    def is_target(self, path: Path, leaf: Any) -> bool:
+        """Whether the leaf at ``path`` gets an adapter."""
+        if not _matches(self.targets, path, leaf, need_matrix=True):
+            return False
+        return self.exclude is None or not _matches(self.exclude, path, leaf, need_matrix=False)
+
+    def is_trainable(self, path: Path, leaf: Any) -> bool:
+        """Whether the base leaf at ``path`` is trained in full (``trainable``)."""
+        if self.trainable is None:
+            return False
+        return _matches(self.trainable, path, leaf, need_matrix=False)
+
+    def select(self, params: Params) -> list[tuple[Path, Any]]:
+        """The targeted ``(path, leaf)`` pairs of ``params``, in flattening order.
+
+        Raises:
+          ValueError: nothing matches (the message lists candidate paths), or a
+            targeted leaf is not a floating-point array (integer or quantized).
+        """
+        leaves = leaves_with_paths(params)
+        chosen = [(path, leaf) for path, leaf in leaves if self.is_target(path, leaf)]
+        if not chosen:
+            candidates = [p for p, leaf in leaves if _eligible(leaf, p)] or [p for p, _ in leaves]
+            shown = "\n  ".join(candidates[:12])
+            more = f"\n  ... and {len(candidates) - 12} more" if len(candidates) > 12 else ""
+            raise ValueError(
+                f"LoraSpec.targets={self.targets!r} matches no leaf of params "
+                f"({len(leaves)} leaves). Candidate paths (floating, ndim >= 2):\n  "
+                f"{shown}{more}"
+            )
+        for path, leaf in chosen:
+            if not _is_floating(leaf):
+                raise ValueError(
+                    f"LoraSpec targets {path!r}, a {describe(leaf)} leaf: LoRA needs a "
+                    "floating-point weight. Integer or quantized leaves cannot take an "
+                    "adapter directly; exclude this path or dequantize it first."
+                )
+        return chosen
+
+    # -- serialization -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of the spec (a callable selector is stored as its name)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if callable(value) and not isinstance(value, str):
+                value = {"callable": getattr(value, "__qualname__", repr(value))}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, targets: Selector | None = None) -> LoraSpec:
+        """Rebuild a spec from ``to_dict`` output; ``targets`` replaces a callable."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        for name in ("targets", "exclude", "trainable"):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = None
+        if targets is not None or kwargs.get("targets") is None:
+            kwargs["targets"] = targets if targets is not None else ".*"
+        return cls(**kwargs)
+
+
+def _pattern_value(pattern: Mapping[str, Any] | None, path: Path, default: Any) -> Any:
+    if not pattern:
+        return default
+    module_path = path.rsplit("/", 1)[0] if "/" in path else path
+    for regex, value in pattern.items():
+        anchored = rf"(?:.*/)?(?:{regex})"
+        if re.fullmatch(anchored, module_path) or re.fullmatch(anchored, path):
+            return value
+    return default
+
+
+def callable_selector(selector: Any) -> bool:
+    """Whether a selector is a predicate (rather than a regex or a list of names)."""
+    return callable(selector) and not isinstance(selector, str)
+
+
+# Leaf names that are never matrices to adapt, even when a scanned model stacks them.
+_NOT_WEIGHTS = frozenset({"bias", "scale", "b"})
+
+
+def _leaf_name(path: Path) -> str:
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] == "value":  # NNX variables: .../kernel/value
+        return parts[-2]
+    return parts[-1]
+
+
+def _is_floating(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _eligible(leaf: Any, path: Path | None = None) -> bool:
+    if path is not None and _leaf_name(path) in _NOT_WEIGHTS:
+        return False
+    return _is_floating(leaf) and len(shape_of(leaf)) >= 2
+
+
+def _matches(selector: Any, path: Path, leaf: Any, *, need_matrix: bool) -> bool:
+    if callable_selector(selector):
+        return bool(selector(path, leaf))
+    if need_matrix and not _eligible(leaf, path):
+        return False
+    if isinstance(selector, str):
+        return re.fullmatch(selector, path) is not None
+    parts = path.split("/")
+    module_parts = parts[:-1] if need_matrix else parts
+    return any(name in module_parts for name in selector)

@@ -1,0 +1,62 @@
+"""Tracing a user function over (params, args, kwargs) to one closed jaxpr."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from jlora._paths import path_str
+from jlora._types import Path
+
+
+def is_dynamic(leaf: Any) -> bool:
+    """Array-like leaves are traced; anything else (flags, strings, functions) is static."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+@dataclasses.dataclass
+class Traced:
+    """``fn`` as a closed jaxpr whose inputs are params' array leaves, then the args'."""
+
+    jaxpr: jcore.ClosedJaxpr
+    param_paths: list[Path]
+    param_avals: list[Any]
+    param_leaves: list[Any]
+    arg_leaves: list[Any]
+    out_tree: Any
+
+
+def trace(fn: Callable, params: Any, args: tuple, kwargs: dict) -> Traced:
+    """Trace ``fn(params, *args, **kwargs)``; non-array leaves are closed over."""
+    param_flat, param_tree = jax.tree_util.tree_flatten_with_path(params)
+    param_mask = [is_dynamic(leaf) for _, leaf in param_flat]
+    param_static = [leaf for _, leaf in param_flat]
+    param_dynamic = [leaf for (_, leaf), dyn in zip(param_flat, param_mask) if dyn]
+    param_paths = [path_str(kp) for (kp, _), dyn in zip(param_flat, param_mask) if dyn]
+
+    arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
+    arg_mask = [is_dynamic(leaf) for leaf in arg_leaves]
+    arg_dynamic = [leaf for leaf, dyn in zip(arg_leaves, arg_mask) if dyn]
+
+    def fill(static, mask, dynamic):
+        it = iter(dynamic)
+        return [next(it) if dyn else leaf for leaf, dyn in zip(static, mask)]
+
+    def flat_fn(param_values, arg_values):
+        params_tree = jax.tree_util.tree_unflatten(
+            param_tree, fill(param_static, param_mask, param_values)
+        )
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(
+            arg_tree, fill(arg_leaves, arg_mask, arg_values)
+        )
+        return fn(params_tree, *call_args, **call_kwargs)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_dynamic, arg_dynamic)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    avals = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in param_dynamic]
+    return Traced(closed, param_paths, avals, param_dynamic, arg_dynamic, out_tree)

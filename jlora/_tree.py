@@ -1,0 +1,89 @@
+"""The adapters tree: building it to mirror params, and matching it back to params."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jlora._adapter import LoraAdapter, is_adapter
+from jlora._paths import describe, leaves_with_paths, path_str, shape_of
+from jlora._types import Adapters, Params, Path
+
+try:  # FrozenDict trees (older Flax code) are pruned like dicts.
+    from flax.core import FrozenDict
+except ImportError:  # pragma: no cover - flax is a dependency
+    FrozenDict = ()
+
+
+def build_like(params: Params, nodes: Mapping[Path, Any]) -> Adapters:
+    """A tree with ``params``' structure holding ``nodes[path]`` at each named leaf.
+
+    Other leaves become ``None`` (an empty pytree), and dict branches left empty are
+    pruned, so a Flax/Hugging Face tree keeps only the targeted branches.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [nodes.get(path_str(kp)) for kp, _ in flat]
+    return _prune(jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+def _prune(node: Any) -> Any:
+    if isinstance(node, (dict, FrozenDict)):
+        kept = {}
+        for key, child in node.items():
+            child = _prune(child)
+            if child is None or (isinstance(child, (dict, FrozenDict)) and not child):
+                continue
+            kept[key] = child
+        return type(node)(kept) if isinstance(node, FrozenDict) else kept
+    return node
+
+
+def adapter_items(adapters: Adapters) -> list[tuple[Path, Any]]:
+    """``(path, node)`` for every adapter node and trainable base copy in the tree."""
+    return leaves_with_paths(adapters, is_leaf=is_adapter)
+
+
+def match(params: Params, adapters: Adapters) -> dict[Path, Any]:
+    """Map each params path to its adapter node or trainable copy, checking shapes.
+
+    Raises:
+      ValueError: an adapter's path is not in ``params``, or its weight has another
+        shape than the adapter was made for; the message names the path and both
+        shapes.
+    """
+    param_leaves = dict(leaves_with_paths(params))
+    nodes = {}
+    for path, node in adapter_items(adapters):
+        if path not in param_leaves:
+            near = [p for p in param_leaves if p.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]]
+            hint = f" Params paths with the same leaf name: {near[:5]}" if near else ""
+            raise ValueError(
+                f"adapter at {path!r} has no matching leaf in params: these adapters "
+                f"were made for another model or another params structure.{hint}"
+            )
+        weight = param_leaves[path]
+        if isinstance(node, LoraAdapter):
+            expected = node.layout.weight_shape
+            rank = node.lora_a.shape[-1]
+            if shape_of(weight) != tuple(expected):
+                raise ValueError(
+                    f"adapter at {path!r} was made for a weight of shape {list(expected)} "
+                    f"but params has {describe(weight)} there: these adapters belong to "
+                    "another model"
+                )
+            a_shape, b_shape = node.layout.a_shape(rank), node.layout.b_shape(rank)
+            if shape_of(node.lora_a) != a_shape or shape_of(node.lora_b) != b_shape:
+                raise ValueError(
+                    f"adapter at {path!r} has lora_a {describe(node.lora_a)} and lora_b "
+                    f"{describe(node.lora_b)}; its layout needs {list(a_shape)} and "
+                    f"{list(b_shape)}"
+                )
+        elif shape_of(node) != shape_of(weight):
+            raise ValueError(
+                f"trainable leaf at {path!r} has shape {describe(node)} but params has "
+                f"{describe(weight)} there"
+            )
+        nodes[path] = node
+    return nodes
