@@ -1,0 +1,283 @@
+"""Adapters on a device mesh: each factor follows its base weight's partitioning.
+
+A weight ``W`` with stack, input and output axes is partitioned by a
+``PartitionSpec``; its factors ``A: (*stack, prod(in), r)`` and
+``B: (*stack, r, prod(out))`` get:
+
+* stack axes: the weight's entries for them, unchanged;
+* A's flattened input axis: the mesh axes of every sharded input axis of the
+  weight, in the weight's axis order (major first), e.g. a DenseGeneral output
+  projection ``(layers, heads, head_dim, d)`` partitioned ``(None, "tensor", None,
+  "fsdp")`` gives ``A: (None, "tensor", None)``. When only the leading input axis is
+  sharded (the common case), this is exactly where the weight's own shards lie in
+  the flattened axis; otherwise the factor is still split evenly over the same
+  devices, and XLA moves the small factor where it needs it;
+* B's flattened output axis: likewise, from the output axes;
+* the rank axis: replicated.
+
+So a factor is never gathered to one device: it is split over the same mesh axes
+as the weight it belongs to, and the low-rank matmuls ``x·A`` and ``(x·A)·B``
+partition like the base matmul ``x·W`` around them. Entries that are
+``PartitionSpec.UNCONSTRAINED`` count as unsharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from jlora._adapter import Layout, LoraAdapter, is_adapter
+from jlora._init import init
+from jlora._paths import leaves_with_paths, path_str
+from jlora._spec import LoraSpec
+from jlora._types import Adapters, Array, Params
+
+__all__ = ["factor_specs", "init_sharded", "partition_specs", "shardings"]
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+    """The mesh axis names of one ``PartitionSpec`` entry (None, a name or a tuple)."""
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+def _entry(names: tuple[str, ...]) -> Any:
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
+
+
+def factor_specs(layout: Layout, spec: PartitionSpec) -> tuple[PartitionSpec, PartitionSpec]:
+    """The ``PartitionSpec`` s of ``(lora_a, lora_b)`` for a weight partitioned by ``spec``.
+
+    Args:
+      layout: the adapter's layout (which weight axes are stack, input, output axes).
+      spec: the weight's partitioning; shorter specs are padded with ``None``.
+
+    Returns:
+      ``(spec_a, spec_b)``: A keeps the stack axes' and the input axes' mesh axes,
+      B the stack axes' and the output axes'; the rank axis is replicated.
+
+    Raises:
+      ValueError: ``spec`` has more entries than the weight has axes.
+
+    Example:
+      >>> from jax.sharding import PartitionSpec as P
+      >>> layout = Layout((2, 4, 8, 16), stack_axes=(0,), in_axes=(1, 2), out_axes=(3,))
+      >>> spec_a, spec_b = factor_specs(layout, P(None, "tensor", None, "fsdp"))
+      >>> spec_a == P(None, "tensor", None), spec_b == P(None, None, "fsdp")
+      (True, True)
+    """
+    ndim = len(layout.weight_shape)
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(
+            f"expected a PartitionSpec of at most {ndim} entries for a weight of shape "
+            f"{list(layout.weight_shape)}; found {spec} with {len(entries)} entries"
+        )
+    entries = entries + (None,) * (ndim - len(entries))
+    stack = [entries[i] for i in layout.stack_axes]
+
+    def flat(axes: tuple[int, ...]) -> Any:
+        return _entry(tuple(name for i in axes for name in _mesh_axes(entries[i])))
+
+    return (
+        PartitionSpec(*stack, flat(layout.in_axes), None),
+        PartitionSpec(*stack, None, flat(layout.out_axes)),
+    )
+
+
+def _by_path(tree: Any, is_leaf: Callable[[Any], bool], what: str) -> dict[str, Any]:
+    items = leaves_with_paths(tree, is_leaf=is_leaf)
+    if not items:
+        raise ValueError(f"expected a tree of {what}; found no leaves in {type(tree).__name__}")
+    return dict(items)
+
+
+def _map_nodes(adapters: Adapters, table: dict[str, Any], make: Callable, what: str) -> Adapters:
+    def one(key_path, node):
+        if node is None:
+            return None
+        path = path_str(key_path)
+        if path not in table:
+            raise ValueError(
+                f"adapter at {path!r} has no entry in the {what} tree; expected a tree "
+                f"with the params' structure (it has {sorted(table)[:6]}...)"
+            )
+        if isinstance(node, LoraAdapter):
+            value_a, value_b = make(path, node.layout, table[path])
+            return dataclasses.replace(node, lora_a=value_a, lora_b=value_b)
+        return table[path]  # a trainable copy lies like its base leaf
+
+    return jax.tree_util.tree_map_with_path(one, adapters, is_leaf=is_adapter)
+
+
+def partition_specs(adapters: Adapters, param_specs: Any) -> Adapters:
+    """``PartitionSpec`` s for every factor, from a tree of the params' specs.
+
+    Use this with ``jax.sharding.NamedSharding(mesh, spec)``, ``shard_map`` or a
+    framework's logical-axis rules; :func:`shardings` does the same from shardings.
+
+    Args:
+      adapters: the adapters tree (arrays or ``jax.ShapeDtypeStruct`` s).
+      param_specs: a tree with the params' structure whose leaves are
+        ``PartitionSpec`` s (``None`` for a replicated leaf).
+
+    Returns:
+      A tree like ``adapters`` whose adapter nodes hold ``(spec_a, spec_b)`` in place
+      of ``(lora_a, lora_b)``; trainable copies get their base leaf's spec.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> from jax.sharding import PartitionSpec as P
+      >>> params = {"w": jnp.zeros((8, 4))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=2, targets="w"), params,
+      ...                       jax.random.key(0))
+      >>> specs = partition_specs(adapters, {"w": P("fsdp", "tensor")})
+      >>> specs["w"].lora_a == P("fsdp", None), specs["w"].lora_b == P(None, "tensor")
+      (True, True)
+    """
+    table = _by_path(
+        param_specs, lambda x: x is None or isinstance(x, PartitionSpec), "PartitionSpecs"
+    )
+
+    def make(path, layout, spec):
+        return factor_specs(layout, PartitionSpec() if spec is None else spec)
+
+    return _map_nodes(adapters, table, make, "param_specs")
+
+
+def _sharding_of(leaf: Any) -> Sharding | None:
+    if leaf is None or isinstance(leaf, Sharding):
+        return leaf
+    return getattr(leaf, "sharding", None)
+
+
+def shardings(adapters: Adapters, param_shardings: Any) -> Adapters:
+    """A ``NamedSharding`` for every factor, derived from its base weight's sharding.
+
+    Args:
+      adapters: the adapters tree (arrays, or ``jax.ShapeDtypeStruct`` s from
+        ``jax.eval_shape``).
+      param_shardings: a tree with the params' structure whose leaves are
+        ``jax.sharding.Sharding`` s, or the (sharded) params themselves: arrays or
+        ``jax.ShapeDtypeStruct`` s with a ``sharding``.
+
+    Returns:
+      A tree like ``adapters`` whose adapter nodes hold a ``NamedSharding`` on the
+      weight's mesh for ``lora_a`` and ``lora_b`` (see the module docstring for the
+      rule); trainable copies get their base leaf's sharding. Use it as
+      ``out_shardings`` / ``in_shardings`` of ``jax.jit`` or with ``jax.device_put``.
+
+    Raises:
+      ValueError: an adapter's path is missing from ``param_shardings``.
+      TypeError: a weight is partitioned by a sharding other than ``NamedSharding``
+        (fully replicated shardings of any kind are accepted and reused).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, jlora
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+      >>> params = {"w": jnp.zeros((8, 4))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=2, targets="w"), params,
+      ...                       jax.random.key(0))
+      >>> out = shardings(adapters, {"w": NamedSharding(mesh, P("fsdp", None))})
+      >>> out["w"].lora_a.spec == P("fsdp", None)
+      True
+    """
+    table = _by_path(
+        param_shardings,
+        lambda x: x is None or isinstance(x, Sharding) or hasattr(x, "sharding"),
+        "shardings",
+    )
+    table = {path: _sharding_of(leaf) for path, leaf in table.items()}
+
+    def make(path, layout, sharding):
+        if sharding is None:
+            return None, None
+        if not isinstance(sharding, NamedSharding):
+            if sharding.is_fully_replicated:
+                return sharding, sharding
+            raise TypeError(
+                f"expected a NamedSharding for the weight at {path!r}; found "
+                f"{type(sharding).__name__} {sharding}. Build the params' shardings "
+                "with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
+            )
+        spec_a, spec_b = factor_specs(layout, sharding.spec)
+        kind = sharding.memory_kind
+        return (
+            NamedSharding(sharding.mesh, spec_a, memory_kind=kind),
+            NamedSharding(sharding.mesh, spec_b, memory_kind=kind),
+        )
+
+    return _map_nodes(adapters, table, make, "param_shardings")
+
+
+def _abstract(leaf: Any) -> Any:
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_of(leaf))
+    return leaf
+
+
+def init_sharded(
+    spec: LoraSpec,
+    params: Params,
+    key: Array,
+    *,
+    param_shardings: Any = None,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    dtype: Any = None,
+) -> Adapters:
+    """:func:`jlora.init`, with every factor created directly on its shards.
+
+    The adapters are made by one ``jax.jit`` whose ``out_shardings`` are
+    :func:`shardings`, so each device computes only its own part of each factor
+    and no factor is ever gathered onto one device. ``params`` may be sharded
+    arrays (only their shapes are read, none is copied) or
+    ``jax.ShapeDtypeStruct`` s with shardings (no base weight needs to exist yet).
+
+    Args:
+      spec: what to adapt and how.
+      params: the frozen base: sharded arrays or ``jax.ShapeDtypeStruct`` s.
+      key: a PRNG key for A.
+      param_shardings: the params' shardings (a tree of ``Sharding`` s); by default
+        each leaf's own ``.sharding``.
+      fn, args, kwargs, dtype: as in :func:`jlora.init` (example args may be
+        abstract).
+
+    Returns:
+      The adapters tree, each factor a ``jax.Array`` with its derived sharding.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, jlora
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+      >>> weight = NamedSharding(mesh, P("fsdp", None))
+      >>> params = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=weight)}
+      >>> adapters = init_sharded(jlora.LoraSpec(rank=2, targets="w"), params,
+      ...                         jax.random.key(0))
+      >>> adapters["w"].lora_a.sharding.spec == P("fsdp", None)
+      True
+    """
+    if param_shardings is None:
+        param_shardings = jax.tree_util.tree_map(_sharding_of, params)
+    abstract_params = jax.tree_util.tree_map(_abstract, params)
+
+    def make(params_in: Params, key_in: Array) -> Adapters:
+        return init(spec, params_in, key_in, fn=fn, args=args, kwargs=kwargs, dtype=dtype)
+
+    out_shardings = shardings(jax.eval_shape(make, abstract_params, key), param_shardings)
+    if any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(params)):
+        # Concrete params enter as arguments (for trainable copies); unused ones are
+        # dropped by XLA, and none is gathered or copied.
+        return jax.jit(make, out_shardings=out_shardings)(params, key)
+    return jax.jit(lambda key_in: make(abstract_params, key_in), out_shardings=out_shardings)(key)
