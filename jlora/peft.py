@@ -1,0 +1,713 @@
+"""Hugging Face PEFT (and vLLM) adapter files: ``adapter_model.safetensors`` in and out.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` (``r``, ``lora_alpha``,
+``target_modules``, ``rank_pattern``, ...) and ``adapter_model.safetensors`` with, per
+adapted PyTorch module ``<module>``:
+
+- ``base_model.model.<module>.lora_A.weight``: ``(r, in_features)``
+- ``base_model.model.<module>.lora_B.weight``: ``(out_features, r)``
+- for an ``nn.Embedding``: ``...<module>.lora_embedding_A`` ``(r, num_embeddings)`` and
+  ``...<module>.lora_embedding_B`` ``(embedding_dim, r)``
+
+so that ``delta_W = scale * lora_B @ lora_A`` in PyTorch's ``(out, in)`` orientation.
+jlora's ``lora_a`` is ``(*stack, prod(in), r)`` and ``lora_b`` ``(*stack, r, prod(out))``
+with the input and output axes flattened in the weight's axis order (see
+:class:`jlora.Layout`), so a PEFT tensor is a jlora factor transposed, one module per
+index of the stack axes (layers under ``scan``).
+
+A *key map* names the PyTorch module of a param path. It is any callable
+``key_map(path) -> str | None``: ``path`` is the jlora path of the targeted leaf
+(``"params/transformer/h/0/attn/c_attn/kernel"``) and the result the PyTorch module name
+relative to the model (``"transformer.h.0.attn.c_attn"``), or ``None`` when the path has
+no PyTorch counterpart. A stacked weight (one adapter for all layers of a ``scan``) maps
+to a name with one ``{}`` field per stack axis, filled with the layer index:
+``"model.layers.{}.self_attn.q_proj"``. :class:`KeyMap` builds such a callable from a
+regex and renames; the built-in maps for the Hugging Face Flax families are in
+:data:`KEY_MAPS` and can be passed by name (``key_map="gpt2"``, ``"llama"``, ``"bert"``,
+or ``"flax"`` for any model whose Flax module names mirror PyTorch's). A leaf named
+``embedding`` (Flax ``nn.Embed``) is written as a PEFT embedding adapter.
+
+Files are read with safetensors only, never with pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from jlora._adapter import Layout, LoraAdapter
+from jlora._paths import describe, leaves_with_paths, shape_of
+from jlora._spec import LoraSpec
+from jlora._tree import adapter_items, build_like
+from jlora._types import Adapters, Params, Path
+
+__all__ = ["CONFIG_NAME", "KEY_MAPS", "VLLM_RANKS", "WEIGHTS_NAME", "KeyMap", "load", "save"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+VLLM_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
+
+KeyMapLike = str | Callable[[Path], str | None]
+
+
+# -- key maps -------------------------------------------------------------------------
+
+
+def module_path(path: Path) -> tuple[str, str]:
+    """Split a leaf path into its module path and leaf name, without the Flax wrappers.
+
+    A leading ``params/`` collection and a trailing NNX ``/value`` are dropped.
+
+    Example:
+      >>> module_path("params/transformer/h/0/attn/c_attn/kernel")
+      ('transformer/h/0/attn/c_attn', 'kernel')
+    """
+    parts = path.split("/")
+    if len(parts) > 2 and parts[-1] == "value":
+        parts = parts[:-1]
+    if len(parts) > 1 and parts[0] == "params":
+        parts = parts[1:]
+    return "/".join(parts[:-1]), parts[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """Flax param path -> PyTorch module name, for models whose module names mirror PyTorch's.
+
+    The module path of a leaf (its path without a leading ``params/``, a trailing
+    ``/value`` and the leaf's own name) must ``re.fullmatch`` ``modules``; each
+    ``(regex, replacement)`` of ``rename`` is then applied with ``re.sub``, and ``/``
+    becomes ``.``. Hugging Face's Flax models use PyTorch's module names, so the
+    built-in maps only list which modules exist and how kernels are stored.
+
+    Attributes:
+      name: a short name for messages.
+      modules: regex of the module paths that have a PyTorch counterpart.
+      rename: ``(regex, replacement)`` substitutions on the module path; put ``{}``
+        where a stacked weight's layer index goes (``(r"^layers/", "model/layers/{}/")``).
+      transposed: regex of module paths whose 2-D kernels are stored ``(out, in)``
+        (Hugging Face Flax GPT-2's ``Conv1D``); other kernels are ``(in, out)``.
+      fan_in_fan_out: PEFT's ``fan_in_fan_out`` for the config (True for ``Conv1D``).
+
+    Example:
+      >>> gpt2 = KEY_MAPS["gpt2"]
+      >>> gpt2("params/transformer/h/0/attn/c_attn/kernel")
+      'transformer.h.0.attn.c_attn'
+      >>> scanned = KeyMap("decoder", rename=((r"^layers/", "model/layers/{}/"),))
+      >>> scanned("params/layers/query/kernel")
+      'model.layers.{}.query'
+    """
+
+    name: str
+    modules: str = ".*"
+    rename: tuple[tuple[str, str], ...] = ()
+    transposed: str | None = None
+    fan_in_fan_out: bool = False
+
+    def __call__(self, path: Path) -> str | None:
+        module, _ = module_path(path)
+        if not module or re.fullmatch(self.modules, module) is None:
+            return None
+        for regex, replacement in self.rename:
+            module = re.sub(regex, replacement, module)
+        return module.replace("/", ".")
+
+    def layout(self, path: Path, shape: Sequence[int], stack: int = 0) -> Layout | None:
+        """The layout of the weight at ``path`` as this family stores it (``stack`` leading
+        stack axes, then ``(in, out)``, or ``(out, in)`` for ``transposed`` kernels)."""
+        module, leaf = module_path(path)
+        flipped = (
+            self.transposed is not None
+            and leaf == "kernel"
+            and re.fullmatch(self.transposed, module) is not None
+        )
+        return _default_layout(shape, stack, transposed=flipped)
+
+
+def _default_layout(shape: Sequence[int], stack: int, *, transposed: bool = False) -> Layout | None:
+    if len(shape) != stack + 2:
+        return None
+    stack_axes = tuple(range(stack))
+    first, second = (stack,), (stack + 1,)
+    if transposed:
+        return Layout(tuple(shape), stack_axes, second, first)
+    return Layout(tuple(shape), stack_axes, first, second)
+
+
+KEY_MAPS: dict[str, KeyMap] = {
+    "flax": KeyMap("flax"),
+    "gpt2": KeyMap(
+        "gpt2",
+        modules=r"(transformer/)?(wte|wpe|h/\d+/(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj)))|lm_head",
+        transposed=r".*(c_attn|c_proj|c_fc)",
+        fan_in_fan_out=True,
+    ),
+    "llama": KeyMap(
+        "llama",
+        modules=(
+            r"(model/)?(embed_tokens|layers/\d+/(self_attn/(q_proj|k_proj|v_proj|o_proj)"
+            r"|mlp/(gate_proj|up_proj|down_proj)))|lm_head|score"
+        ),
+    ),
+    "bert": KeyMap(
+        "bert",
+        modules=(
+            r"(bert/)?(embeddings/(word|position|token_type)_embeddings"
+            r"|encoder/layer/\d+/(attention/(self/(query|key|value)|output/dense)"
+            r"|intermediate/dense|output/dense)|pooler/dense)"
+            r"|classifier|qa_outputs|cls/predictions/transform/dense"
+        ),
+    ),
+}
+
+
+def _resolve_key_map(key_map: KeyMapLike) -> Callable[[Path], str | None]:
+    if isinstance(key_map, str):
+        if key_map not in KEY_MAPS:
+            raise ValueError(
+                f"unknown key_map {key_map!r}: expected one of {sorted(KEY_MAPS)} or a "
+                "callable path -> PyTorch module name (see jlora.peft.KeyMap)"
+            )
+        return KEY_MAPS[key_map]
+    if not callable(key_map):
+        raise TypeError(
+            "key_map: expected a built-in name such as 'gpt2' or a callable path -> "
+            f"PyTorch module name; found {type(key_map).__name__}"
+        )
+    return key_map
+
+
+def _key_map_name(key_map: Callable) -> str:
+    return getattr(key_map, "name", getattr(key_map, "__name__", repr(key_map)))
+
+
+def _is_embedding(path: Path) -> bool:
+    return module_path(path)[1] == "embedding"
+
+
+# -- saving ---------------------------------------------------------------------------
+
+
+def save(
+    directory: str | os.PathLike,
+    adapters: Adapters,
+    spec: LoraSpec,
+    *,
+    key_map: KeyMapLike,
+    target: str | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> None:
+    """Write ``adapters`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Writes ``adapter_model.safetensors`` (each factor in its own dtype, transposed to
+    PyTorch's orientation, one module per layer for stacked weights) and
+    ``adapter_config.json``. The defaults ``r`` and ``lora_alpha`` are ``spec.rank`` and
+    ``spec.alpha``; modules whose rank or scale differ get ``rank_pattern`` /
+    ``alpha_pattern`` entries under their full module name.
+
+    Args:
+      directory: the adapter directory (created if needed; files in it are replaced).
+      adapters: the adapters tree (from :func:`jlora.init` or training).
+      spec: the spec the adapters were made with (``rank``, ``alpha``, ``rslora``,
+        ``dropout``).
+      key_map: a built-in name (``"gpt2"``, ``"llama"``, ``"bert"``, ``"flax"``) or a
+        callable ``path -> PyTorch module name`` (see the module docstring).
+      target: ``"vllm"`` to check vLLM's constraints first (ranks in
+        :data:`VLLM_RANKS`, one scale for every module, no bias, no DoRA, no extra
+        saved modules).
+      base_model_name_or_path: written to the config, for PEFT's ``from_pretrained``
+        conveniences.
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...).
+
+    Raises:
+      ValueError: a path the key map cannot name, a stacked adapter whose module name
+        lacks one ``{}`` per stack axis, two adapters for one module, trainable base
+        leaves (PEFT ``modules_to_save``; use :func:`jlora.checkpoint.save`), or with
+        ``target="vllm"`` the first constraint that fails.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora, jlora.peft
+      >>> params = {"params": {"dense": {"kernel": jnp.ones((6, 4))}}}
+      >>> spec = jlora.LoraSpec(rank=2, alpha=4.0, targets=["dense"])
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> directory = tempfile.mkdtemp()
+      >>> jlora.peft.save(directory, adapters, spec, key_map="flax")
+      >>> loaded, _ = jlora.peft.load(directory, params, key_map="flax")
+      >>> loaded["params"]["dense"]["kernel"].lora_a.shape
+      (6, 2)
+    """
+    key_map = _resolve_key_map(key_map)
+    items = adapter_items(adapters)
+    if target is not None and target != "vllm":
+        raise ValueError(f"target must be None or 'vllm'; found {target!r}")
+    if target == "vllm":
+        _check_vllm(items, spec)
+    others = [path for path, node in items if not isinstance(node, LoraAdapter)]
+    if others:
+        raise ValueError(
+            f"the adapters hold trained base leaves {others[:5]} (LoraSpec.trainable): "
+            "PEFT export of modules_to_save / biases is not supported by jlora.peft; "
+            "save them with jlora.checkpoint.save, or drop them from the tree"
+        )
+
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, tuple[Path, LoraAdapter]] = {}
+    for path, node in items:
+        for name, a_in_r, b_r_out in _modules_of(path, node, key_map):
+            if name in modules:
+                raise ValueError(
+                    f"adapters at {modules[name][0]!r} and {path!r} both map to the PyTorch "
+                    f"module {name!r} with key_map {_key_map_name(key_map)!r}"
+                )
+            modules[name] = (path, node)
+            a_name, b_name = (
+                ("lora_embedding_A", "lora_embedding_B")
+                if _is_embedding(path)
+                else ("lora_A.weight", "lora_B.weight")
+            )
+            tensors[f"{PREFIX}{name}.{a_name}"] = np.ascontiguousarray(a_in_r.T)
+            tensors[f"{PREFIX}{name}.{b_name}"] = np.ascontiguousarray(b_r_out.T)
+
+    config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
+    os.makedirs(directory, exist_ok=True)
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    config_file = os.path.join(directory, CONFIG_NAME)
+    safetensors.numpy.save_file(tensors, weights_file + ".tmp", metadata={"format": "pt"})
+    with open(config_file + ".tmp", "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(weights_file + ".tmp", weights_file)
+    os.replace(config_file + ".tmp", config_file)
+
+
+def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
+    """``(module name, A (in, r), B (r, out))`` for each layer of one adapter."""
+    name = key_map(path)
+    if name is None:
+        raise ValueError(
+            f"key_map {_key_map_name(key_map)!r} has no PyTorch module name for the "
+            f"adapter at {path!r}; pass a key_map that names it (see jlora.peft.KeyMap)"
+        )
+    layout = node.layout
+    fields = name.count("{}")
+    if fields != len(layout.stack_axes):
+        raise ValueError(
+            f"adapter at {path!r} has {len(layout.stack_axes)} stack axes (shape "
+            f"{list(layout.weight_shape)}, layout {layout}) but key_map names it {name!r} "
+            f"with {fields} '{{}}' fields: a stacked weight needs one '{{}}' per stack axis "
+            "for the layer index (e.g. 'model.layers.{}.self_attn.q_proj')"
+        )
+    expected = getattr(key_map, "layout", None)
+    if expected is not None and not layout.stack_axes:
+        want = expected(path, layout.weight_shape, 0)
+        if want is not None and want != layout:
+            raise ValueError(
+                f"adapter at {path!r} has layout in_axes={layout.in_axes}, "
+                f"out_axes={layout.out_axes}, but key_map {_key_map_name(key_map)!r} stores "
+                f"that weight with in_axes={want.in_axes}, out_axes={want.out_axes}: create "
+                "the adapters with jlora.init(..., fn=<model>, args=<example inputs>) so the "
+                "layout is learned from the model"
+            )
+    lora_a = np.asarray(node.lora_a)
+    lora_b = np.asarray(node.lora_b)
+    stack_shape = layout.stack_shape
+    for index in np.ndindex(*stack_shape):
+        yield name.format(*index), lora_a[index], lora_b[index]
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _config(spec, modules, key_map, base_model_name_or_path, task_type) -> dict[str, Any]:
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float | int] = {}
+    for name, (path, node) in sorted(modules.items()):
+        rank = node.rank
+        alpha = _alpha_of(spec, path, node)
+        if rank != spec.rank:
+            rank_pattern[name] = rank
+        if not math.isclose(alpha, spec.alpha, rel_tol=1e-6):
+            alpha_pattern[name] = _number(alpha)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(spec.rank),
+        "lora_alpha": _number(spec.alpha),
+        "target_modules": sorted(modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": bool(spec.rslora),
+        "lora_dropout": float(spec.dropout),
+        "fan_in_fan_out": bool(getattr(key_map, "fan_in_fan_out", False)),
+        "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _alpha_of(spec: LoraSpec, path: Path, node: LoraAdapter) -> float:
+    """The alpha that gives ``node.scale`` at ``node.rank`` (the spec's own when it does)."""
+    rank = node.rank
+    denominator = math.sqrt(rank) if spec.rslora else rank
+    if spec.rank_for(path) == rank and math.isclose(spec.scale_for(path), node.scale):
+        return spec.alpha_for(path)
+    return node.scale * denominator
+
+
+def _check_vllm(items, spec: LoraSpec) -> None:
+    for path, node in items:
+        if not isinstance(node, LoraAdapter):
+            if module_path(path)[1] == "bias":
+                raise ValueError(
+                    f"vLLM does not load LoRA biases (PEFT bias must be 'none'): the "
+                    f"adapters train the base bias at {path!r}"
+                )
+            raise ValueError(
+                f"vLLM does not load extra saved modules (PEFT modules_to_save): the "
+                f"adapters train the base leaf at {path!r}"
+            )
+    if getattr(spec, "use_dora", False) or any(
+        getattr(node, "magnitude", None) is not None for _, node in items
+    ):
+        raise ValueError("vLLM does not load DoRA adapters (use_dora)")
+    denominator = math.sqrt(spec.rank) if spec.rslora else spec.rank
+    scale = spec.alpha / denominator
+    for path, node in items:
+        if node.rank not in VLLM_RANKS:
+            raise ValueError(
+                f"vLLM supports LoRA ranks {sorted(VLLM_RANKS)}; the adapter at {path!r} "
+                f"has rank {node.rank}"
+            )
+        if not math.isclose(node.scale, scale, rel_tol=1e-6):
+            raise ValueError(
+                f"vLLM scales every module by lora_alpha / r = {spec.alpha} / {spec.rank} "
+                f"= {scale:g} (no alpha_pattern); the adapter at {path!r} has scale "
+                f"{node.scale:g} (rank {node.rank})"
+            )
+
+
+# -- loading --------------------------------------------------------------------------
+
+_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\."
+    r"(?:(?P<linear>lora_[AB])\.weight|(?P<embedding>lora_embedding_[AB]))"
+)
+
+
+def load(
+    directory: str | os.PathLike,
+    params: Params,
+    *,
+    key_map: KeyMapLike,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[Adapters, LoraSpec]:
+    """Read a PEFT LoRA adapter directory into a jlora adapters tree for ``params``.
+
+    Every module in the file is matched to the leaf of ``params`` the key map names
+    that way; the layout of each weight comes from ``fn`` when given (as in
+    :func:`jlora.init`), else from the key map (``KeyMap.layout``: GPT-2's transposed
+    kernels) or the 2-D rule. Factors keep the file's dtype, bit for bit.
+
+    Args:
+      directory: a directory with ``adapter_config.json`` and
+        ``adapter_model.safetensors`` (``.bin`` pickle files are refused).
+      params: the frozen base the adapters are for (arrays or ``ShapeDtypeStruct`` s).
+      key_map: a built-in name or a callable ``path -> PyTorch module name``.
+      fn: the model function, to learn layouts of stacked or multi-axis weights.
+      args: example positional arguments of ``fn`` after ``params``.
+      kwargs: example keyword arguments of ``fn``.
+
+    Returns:
+      ``(adapters, spec)``: the spec's ``targets`` is a regex of exactly the loaded
+      paths; per-path ranks and alphas that differ from ``r`` / ``lora_alpha`` are in
+      its ``rank_pattern`` / ``alpha_pattern``.
+
+    Raises:
+      FileNotFoundError: a file is missing.
+      ValueError: a malformed or truncated file (named), a feature jlora does not
+        load (DoRA, biases, ``modules_to_save``), a module no leaf of ``params`` maps
+        to, or tensors whose shapes do not fit the weight (path and shapes named).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora, jlora.peft
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, alpha=4.0, targets=["dense"])
+      >>> directory = tempfile.mkdtemp()
+      >>> jlora.peft.save(directory, jlora.init(spec, params, jax.random.key(0)), spec,
+      ...                 key_map="flax")
+      >>> adapters, loaded_spec = jlora.peft.load(directory, params, key_map="flax")
+      >>> loaded_spec.rank, loaded_spec.alpha, adapters["dense"]["kernel"].scale
+      (2, 4.0, 2.0)
+    """
+    key_map = _resolve_key_map(key_map)
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    by_module = _group(tensors, os.path.join(directory, WEIGHTS_NAME))
+    where = _locate(by_module, params, key_map, os.path.join(directory, WEIGHTS_NAME))
+
+    leaves = dict(leaves_with_paths(params))
+    layouts = _load_layouts(where, leaves, params, key_map, fn, args, kwargs)
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+
+    nodes: dict[Path, LoraAdapter] = {}
+    spec_ranks: dict[str, int] = {}
+    spec_alphas: dict[str, float] = {}
+    for path, layers in where.items():
+        layout = layouts[path]
+        if len(layers) and len(next(iter(layers))) != len(layout.stack_axes):
+            raise ValueError(
+                f"key_map names {path!r} with {len(next(iter(layers)))} '{{}}' fields but "
+                f"its layout {layout} has {len(layout.stack_axes)} stack axes"
+            )
+        missing = [i for i in np.ndindex(*layout.stack_shape) if i not in layers]
+        if missing:
+            raise ValueError(
+                f"the adapter file has no module for layer {list(missing[0])} of the "
+                f"stacked weight {path!r} (found layers {sorted(layers)[:8]})"
+            )
+        ranks = {_peft_value(rank_pattern, m, rank) for m in layers.values()}
+        alphas = {float(_peft_value(alpha_pattern, m, alpha)) for m in layers.values()}
+        if len(ranks) > 1 or len(alphas) > 1:
+            raise ValueError(
+                f"the modules of the stacked weight {path!r} have ranks {sorted(ranks)} and "
+                f"alphas {sorted(alphas)}: one jlora adapter holds one rank and alpha"
+            )
+        path_rank, path_alpha = int(ranks.pop()), alphas.pop()
+        a_rows, b_cols = [], []
+        for index in np.ndindex(*layout.stack_shape):
+            module = layers[index]
+            lora_a, lora_b = _factors(by_module[module], module, path, layout, path_rank)
+            a_rows.append(lora_a.T)
+            b_cols.append(lora_b.T)
+        lora_a = np.stack(a_rows).reshape(layout.a_shape(path_rank))
+        lora_b = np.stack(b_cols).reshape(layout.b_shape(path_rank))
+        denominator = math.sqrt(path_rank) if rslora else path_rank
+        nodes[path] = LoraAdapter(
+            lora_a=jnp.asarray(lora_a),
+            lora_b=jnp.asarray(lora_b),
+            scale=path_alpha / denominator,
+            layout=layout,
+            dropout=float(config.get("lora_dropout") or 0.0),
+        )
+        if path_rank != rank:
+            spec_ranks[re.escape(path)] = path_rank
+        if path_alpha != alpha:
+            spec_alphas[re.escape(path)] = path_alpha
+
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
+    spec = LoraSpec(
+        rank=rank,
+        alpha=alpha,
+        targets="|".join(re.escape(path) for path in nodes),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        init=init,
+        rslora=rslora,
+        rank_pattern=spec_ranks or None,
+        alpha_pattern=spec_alphas or None,
+    )
+    return build_like(params, nodes), spec
+
+
+def _read_config(directory) -> dict[str, Any]:
+    config_file = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no PEFT adapter config: {config_file} does not exist")
+    try:
+        with open(config_file) as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{config_file}: expected peft_type 'LORA', found {peft_type!r}")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or isinstance(config[field], bool):
+            raise ValueError(
+                f"{config_file}: expected a number for {field!r}, found {config.get(field)!r}"
+            )
+    unsupported = {
+        "use_dora": "DoRA adapters (use_dora)",
+        "lora_bias": "LoRA biases (lora_bias)",
+        "modules_to_save": "extra saved modules (modules_to_save)",
+        "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+        "target_parameters": "adapters on bare parameters (target_parameters)",
+    }
+    for field, what in unsupported.items():
+        if config.get(field):
+            raise ValueError(
+                f"{config_file} uses {what}: {config[field]!r}; jlora.peft loads plain LoRA "
+                "adapters only"
+            )
+    if config.get("bias", "none") != "none":
+        raise ValueError(
+            f"{config_file} trains biases (bias={config['bias']!r}); jlora.peft loads "
+            "adapters with bias='none' only"
+        )
+    return config
+
+
+def _read_tensors(directory) -> dict[str, np.ndarray]:
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights_file):
+        pickled = os.path.join(directory, "adapter_model.bin")
+        if os.path.exists(pickled):
+            raise ValueError(
+                f"{pickled} is a pickle file, which jlora never reads; convert it to "
+                f"{WEIGHTS_NAME} (e.g. PeftModel.save_pretrained(..., "
+                "safe_serialization=True)) in a trusted environment"
+            )
+        raise FileNotFoundError(f"no PEFT adapter weights: {weights_file} does not exist")
+    try:
+        return safetensors.numpy.load_file(weights_file)
+    except (SafetensorError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"{weights_file} is not a readable safetensors file (malformed or truncated): {error}"
+        ) from None
+
+
+def _group(tensors: Mapping[str, np.ndarray], weights_file: str) -> dict[str, dict[str, Any]]:
+    """``{module: {"A": array, "B": array}}`` from the file's keys."""
+    by_module: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        found = _KEY.fullmatch(key)
+        if found is None:
+            if "lora_magnitude_vector" in key:
+                raise ValueError(f"{weights_file} holds DoRA magnitudes ({key!r}): not supported")
+            raise ValueError(
+                f"{weights_file} holds {key!r}, which is not a PEFT LoRA factor "
+                "(expected base_model.model.<module>.lora_A.weight / lora_B.weight / "
+                "lora_embedding_A / lora_embedding_B)"
+            )
+        factor = (found["linear"] or found["embedding"])[-1]
+        if value.ndim != 2:
+            raise ValueError(f"{weights_file}: {key!r} has shape {list(value.shape)}; expected 2-D")
+        by_module.setdefault(found["module"], {})[factor] = value
+    for module, factors in by_module.items():
+        if set(factors) != {"A", "B"}:
+            raise ValueError(
+                f"{weights_file}: module {module!r} has lora_{''.join(factors)} only; "
+                "expected both lora_A and lora_B"
+            )
+    return by_module
+
+
+def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, str]]:
+    """``{path: {stack index: module}}``: which leaf of ``params`` each module adapts."""
+    exact: dict[str, Path] = {}
+    stacked: list[tuple[re.Pattern, Path]] = []
+    for path, leaf in leaves_with_paths(params):
+        if not _is_weight(leaf):
+            continue
+        name = key_map(path)
+        if name is None:
+            continue
+        if "{}" in name:
+            regex = "".join(
+                r"(\d+)" if part == "{}" else re.escape(part) for part in re.split(r"(\{\})", name)
+            )
+            stacked.append((re.compile(regex), path))
+        else:
+            exact.setdefault(name, path)
+    where: dict[Path, dict[tuple, str]] = {}
+    for module in by_module:
+        if module in exact:
+            where.setdefault(exact[module], {})[()] = module
+            continue
+        for regex, path in stacked:
+            found = regex.fullmatch(module)
+            if found:
+                where.setdefault(path, {})[tuple(int(i) for i in found.groups())] = module
+                break
+        else:
+            known = sorted(exact)[:6] + [r.pattern for r, _ in stacked[:3]]
+            raise ValueError(
+                f"{weights_file} adapts the PyTorch module {module!r}, but no leaf of params "
+                f"maps to it with key_map {_key_map_name(key_map)!r} (it names e.g. {known}); "
+                "is this adapter for another model, or do you need another key_map?"
+            )
+    return where
+
+
+def _is_weight(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(shape_of(leaf)) >= 2
+
+
+def _load_layouts(where, leaves, params, key_map, fn, args, kwargs) -> dict[Path, Layout]:
+    if fn is not None:
+        from jlora._layout import discover
+
+        found = discover(fn, params, list(where), args, kwargs)
+        missing = [p for p in where if p not in found]
+        if missing:
+            raise ValueError(
+                f"fn never uses {missing[:5]} as a matmul, convolution or lookup weight, "
+                "so their layouts cannot be learned"
+            )
+        return {path: found[path] for path in where}
+    layouts = {}
+    for path, layers in where.items():
+        shape = shape_of(leaves[path])
+        stack = len(next(iter(layers)))
+        rule = getattr(key_map, "layout", None)
+        layout = rule(path, shape, stack) if rule else _default_layout(shape, stack)
+        if layout is None:
+            raise ValueError(
+                f"cannot tell the input and output axes of {path!r} ({describe(leaves[path])}) "
+                f"with {stack} stack axes: pass fn=<the model function> and args=<example "
+                "inputs> to jlora.peft.load so the layout is learned from the model"
+            )
+        layouts[path] = layout
+    return layouts
+
+
+def _peft_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _factors(factors, module, path, layout, rank) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``(r, in)`` A and ``(out, r)`` B of ``module``, checked against the weight."""
+    lora_a, lora_b = factors["A"], factors["B"]
+    want_a = (rank, layout.in_features)
+    want_b = (layout.out_features, rank)
+    if lora_a.shape != want_a or lora_b.shape != want_b:
+        raise ValueError(
+            f"module {module!r} has lora_A {list(lora_a.shape)} and lora_B "
+            f"{list(lora_b.shape)}, but the weight at {path!r} (shape "
+            f"{list(layout.weight_shape)}, {layout.in_features} inputs, "
+            f"{layout.out_features} outputs) at rank {rank} needs {list(want_a)} and "
+            f"{list(want_b)}: the adapter is for another model or the config's r / "
+            "rank_pattern do not match the tensors"
+        )
+    return lora_a, lora_b
