@@ -1,0 +1,510 @@
+"""Orbax checkpoints of the adapters tree, with the spec and layouts as JSON.
+
+A checkpoint holds two Orbax items: ``adapters`` (a PyTree item with the factors and
+trainable copies, nested by the components of their paths) and ``jlora`` (JSON: the
+spec, and per path the kind, scale, dropout, layout, rank and dtypes). The base model
+is never written: a checkpoint is the adapters' bytes plus a few KiB.
+
+``save(directory, ...)`` writes one checkpoint at ``directory``; ``save(directory, ...,
+step=n)`` writes step ``n`` under ``directory`` with an Orbax ``CheckpointManager``
+(keeping the last ``max_to_keep``). Orbax writes every checkpoint to a temporary
+directory and renames it when complete, so a save killed mid-way never leaves a step
+that looks complete: ``load`` skips it (or, asked for that step, says it is incomplete).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jlora._adapter import Layout, LoraAdapter, is_adapter
+from jlora._paths import describe, path_str, shape_of
+from jlora._spec import LoraSpec
+from jlora._tree import adapter_items
+from jlora._types import Adapters, Path
+
+__all__ = ["load", "read_metadata", "resolve", "save"]
+
+FORMAT = "jlora.checkpoint"
+VERSION = 1
+ARRAYS_ITEM = "adapters"
+METADATA_ITEM = "jlora"
+_ITEMS = (ARRAYS_ITEM, METADATA_ITEM)
+
+
+# -- saving ---------------------------------------------------------------------------
+
+
+def save(
+    directory: str | os.PathLike,
+    adapters: Adapters,
+    spec: LoraSpec,
+    *,
+    step: int | None = None,
+    max_to_keep: int | None = None,
+    overwrite: bool = False,
+) -> epath.Path:
+    """Write the adapters tree and its spec as an Orbax checkpoint.
+
+    Only the adapters are written (factors and trainable copies of base leaves), with
+    the spec and every adapter's layout, scale and dropout as JSON metadata. Arrays
+    keep their dtype; sharded arrays are written from their shards. The call returns
+    when the checkpoint is complete on disk.
+
+    Args:
+      directory: where to write. Without ``step`` the checkpoint is ``directory``
+        itself; with ``step`` it is a step directory under it.
+      adapters: the adapters tree from :func:`jlora.init` (or training).
+      spec: the spec the adapters were made with. A callable ``targets`` cannot be
+        stored: its name is kept and, on load, the spec targets the saved paths.
+      step: a training step: write through an Orbax ``CheckpointManager``.
+      max_to_keep: with ``step``, keep only the newest ``max_to_keep`` steps.
+      overwrite: replace an existing checkpoint (same ``directory``, or same
+        ``step``). The old one is deleted before the new one is written.
+
+    Returns:
+      The path of the checkpoint written (``directory`` or its step directory).
+
+    Raises:
+      ValueError: the checkpoint exists and ``overwrite`` is False, ``adapters``
+        holds no adapter, or ``directory`` holds checkpoints of the other kind
+        (steps versus a single checkpoint).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora
+      >>> from jlora import checkpoint
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, targets=["dense"])
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> path = checkpoint.save(tempfile.mkdtemp() + "/run", adapters, spec, step=10)
+      >>> path.name
+      '10'
+    """
+    if not isinstance(spec, LoraSpec):
+        raise TypeError(f"save: expected a jlora.LoraSpec as spec; found {type(spec).__name__}")
+    items = adapter_items(adapters)
+    if not items:
+        raise ValueError("save: the adapters tree holds no adapter or trainable leaf")
+    arrays = _nest({path: _arrays_of(node) for path, node in items})
+    metadata = _metadata(items, spec)
+    args = ocp.args.Composite(
+        **{
+            ARRAYS_ITEM: ocp.args.PyTreeSave(arrays),
+            METADATA_ITEM: ocp.args.JsonSave(metadata),
+        }
+    )
+    root = epath.Path(directory)
+    if step is None:
+        if _step_paths(root):
+            raise ValueError(
+                f"save: {str(root)!r} holds step checkpoints {sorted(_step_paths(root))}; "
+                "pass step= to add one, or save to another directory"
+            )
+        if root.exists() and not overwrite:
+            raise ValueError(
+                f"save: {str(root)!r} already exists; pass overwrite=True to replace it, "
+                "or step= to keep several checkpoints"
+            )
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(root, args=args, force=overwrite)
+        return root
+    step = _check_step(step)
+    if _is_checkpoint(root):
+        raise ValueError(
+            f"save: {str(root)!r} is a single checkpoint (saved without step=); steps "
+            "need a directory of their own"
+        )
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+    )
+    with ocp.CheckpointManager(root, options=options, item_names=_ITEMS) as manager:
+        if step in manager.all_steps():
+            if not overwrite:
+                raise ValueError(
+                    f"save: step {step} already exists in {str(root)!r}; pass "
+                    "overwrite=True to replace it"
+                )
+            manager.delete(step)
+        manager.save(step, args=args, force=True)
+        manager.wait_until_finished()
+    return root / str(step)
+
+
+def _arrays_of(node: Any) -> Any:
+    if isinstance(node, LoraAdapter):
+        return {"lora_a": node.lora_a, "lora_b": node.lora_b}
+    return node
+
+
+def _nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    """``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}``."""
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        parts = path.split("/")
+        for part in parts:
+            if not part or "." in part:
+                raise ValueError(
+                    f"save: cannot store the leaf at {path!r}: path component {part!r} "
+                    "is empty or holds a '.', which Orbax uses as a separator"
+                )
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _leaf(nested: Mapping[str, Any], path: Path) -> Any:
+    node: Any = nested
+    for part in path.split("/"):
+        node = node[part]
+    return node
+
+
+def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
+    entries = []
+    for path, node in items:
+        if isinstance(node, LoraAdapter):
+            entries.append(
+                {
+                    "path": path,
+                    "kind": "lora",
+                    "rank": node.rank,
+                    "scale": float(node.scale),
+                    "dropout": float(node.dropout),
+                    "layout": node.layout.to_dict(),
+                    "dtype": {
+                        "lora_a": str(jnp.dtype(node.lora_a.dtype)),
+                        "lora_b": str(jnp.dtype(node.lora_b.dtype)),
+                    },
+                }
+            )
+        else:
+            entries.append(
+                {
+                    "path": path,
+                    "kind": "trainable",
+                    "shape": list(shape_of(node)),
+                    "dtype": str(jnp.dtype(node.dtype)),
+                }
+            )
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": spec.to_dict(),
+        "entries": entries,
+        "bytes": sum(_nbytes(x) for _, n in items for x in jax.tree_util.tree_leaves(n)),
+    }
+
+
+def _nbytes(array: Any) -> int:
+    return math.prod(shape_of(array)) * jnp.dtype(array.dtype).itemsize
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer; found {step!r}")
+    return int(step)
+
+
+# -- finding checkpoints --------------------------------------------------------------
+
+
+def _is_checkpoint(path: epath.Path) -> bool:
+    """A complete single checkpoint (or step directory) written by :func:`save`."""
+    return (path / METADATA_ITEM).is_dir() and (path / ARRAYS_ITEM).is_dir()
+
+
+def _step_paths(root: epath.Path) -> dict[int, epath.Path]:
+    """Complete step checkpoints under ``root``, by step."""
+    if not root.is_dir():
+        return {}
+    found = {}
+    for child in root.iterdir():
+        if child.name.isdigit() and _is_checkpoint(child):
+            if not ocp.step.is_path_temporary(child):
+                found[int(child.name)] = child
+    return found
+
+
+def _interrupted(root: epath.Path) -> list[str]:
+    """Names of temporary (unfinished) checkpoint directories in and beside ``root``."""
+    names = []
+    if root.is_dir():
+        names += [c.name for c in root.iterdir() if ocp.step.TMP_DIR_SUFFIX in c.name]
+    if root.parent.is_dir():
+        prefix = root.name + ocp.step.TMP_DIR_SUFFIX
+        names += [c.name for c in root.parent.iterdir() if c.name.startswith(prefix)]
+    return sorted(names)
+
+
+def resolve(directory: str | os.PathLike, *, step: int | None = None) -> epath.Path:
+    """The checkpoint directory :func:`load` would read.
+
+    ``directory`` is a checkpoint written without ``step`` (or a step directory), or
+    a directory of steps: then ``step`` picks one, and without it the newest complete
+    step is taken. Steps whose save did not finish are never chosen.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint is there; the message says what was
+        found instead (an interrupted save, other steps, another kind of file).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora
+      >>> from jlora import checkpoint
+      >>> params = {"w": jnp.ones((4, 4))}
+      >>> spec = jlora.LoraSpec(rank=1, targets="w")
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> root = tempfile.mkdtemp()
+      >>> for step in (1, 2):
+      ...     _ = checkpoint.save(root, adapters, spec, step=step)
+      >>> checkpoint.resolve(root).name
+      '2'
+    """
+    root = epath.Path(directory)
+    steps = _step_paths(root)
+    if step is not None:
+        step = _check_step(step)
+        if step in steps:
+            return steps[step]
+        pending = [n for n in _interrupted(root) if n.split(".", 1)[0] == str(step)]
+        if pending:
+            raise FileNotFoundError(
+                f"step {step} in {str(root)!r} is incomplete: its save was interrupted "
+                f"(found {pending[0]!r}). Complete steps: {sorted(steps) or 'none'}"
+            )
+        raise FileNotFoundError(
+            f"no step {step} in {str(root)!r}; complete steps: {sorted(steps) or 'none'}"
+        )
+    if _is_checkpoint(root) and not ocp.step.is_path_temporary(root):
+        return root
+    if steps:
+        return steps[max(steps)]
+    pending = _interrupted(root)
+    if pending:
+        raise FileNotFoundError(
+            f"no complete jlora checkpoint at {str(root)!r}: a save there was "
+            f"interrupted (found {pending[0]!r}) and no earlier one is complete"
+        )
+    if not root.exists():
+        raise FileNotFoundError(f"no jlora checkpoint at {str(root)!r}: it does not exist")
+    if (root / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{str(root)!r} is a Hugging Face PEFT adapter, not an Orbax checkpoint: read "
+            "it with jlora.peft.load"
+        )
+    raise FileNotFoundError(
+        f"no jlora checkpoint at {str(root)!r}: expected the items {list(_ITEMS)} (a "
+        "checkpoint written by jlora.save) or numbered step directories holding them"
+    )
+
+
+def read_metadata(directory: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (spec and per-path entries), arrays unread.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora
+      >>> from jlora import checkpoint
+      >>> spec = jlora.LoraSpec(rank=1, targets="w")
+      >>> adapters = jlora.init(spec, {"w": jnp.ones((4, 4))}, jax.random.key(0))
+      >>> path = checkpoint.save(tempfile.mkdtemp() + "/ckpt", adapters, spec)
+      >>> [e["path"] for e in checkpoint.read_metadata(path)["entries"]]
+      ['w']
+    """
+    path = resolve(directory, step=step)
+    metadata = json.loads((path / METADATA_ITEM / "metadata").read_text())
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not a jlora checkpoint: its {METADATA_ITEM!r} item has "
+            f"format {metadata.get('format')!r}, expected {FORMAT!r}"
+        )
+    if int(metadata.get("version", 0)) > VERSION:
+        raise ValueError(
+            f"{str(path)!r} was written by a newer jlora (checkpoint version "
+            f"{metadata['version']}; this jlora reads up to {VERSION}): upgrade jlora"
+        )
+    return metadata
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def load(
+    directory: str | os.PathLike,
+    *,
+    step: int | None = None,
+    like: Adapters | None = None,
+) -> tuple[Adapters, LoraSpec]:
+    """Read adapters and their spec from a checkpoint written by :func:`save`.
+
+    Without ``like`` the adapters come back as a nested dict keyed by the components
+    of their paths, arrays on the default device: this is the adapters tree of any
+    dict-based params (Flax Linen, Hugging Face Flax). With ``like`` (an adapters tree
+    for the same model, e.g. ``jax.eval_shape(lambda: jlora.init(...))`` or a real
+    one, possibly sharded) they are restored onto its structure (needed for NNX and
+    Equinox params), its shardings (so a checkpoint can be resharded onto another
+    mesh) and its dtypes. Scale, layout and dropout always come from the checkpoint.
+    Values are bit-exact when the dtypes are the saved ones.
+
+    Args:
+      directory: a checkpoint, or a directory of steps (see :func:`resolve`).
+      step: which step; default the newest complete one.
+      like: an adapters tree whose structure, shardings and dtypes to restore onto.
+
+    Returns:
+      ``(adapters, spec)``. When the saved spec had a callable ``targets`` (or
+      ``trainable``), the returned spec targets the saved paths instead.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint (see :func:`resolve`).
+      ValueError: ``like`` has other paths, shapes or layouts than the checkpoint
+        (the message names the first mismatch).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora
+      >>> from jlora import checkpoint
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, targets=["dense"])
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> path = checkpoint.save(tempfile.mkdtemp() + "/ckpt", adapters, spec)
+      >>> loaded, loaded_spec = checkpoint.load(path)
+      >>> bool((loaded["dense"]["kernel"].lora_a == adapters["dense"]["kernel"].lora_a).all())
+      True
+    """
+    path = resolve(directory, step=step)
+    metadata = read_metadata(path)
+    entries = {entry["path"]: entry for entry in metadata["entries"]}
+    spec = _spec_from(metadata)
+    if like is None:
+        targets = {p: _default_target(entry) for p, entry in entries.items()}
+    else:
+        targets = _targets_like(like, entries, path)
+    restore_args = _nest({p: _restore_args(t) for p, t in targets.items()})
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.Composite(
+                **{ARRAYS_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}
+            ),
+        )[ARRAYS_ITEM]
+    nodes = {p: _node(entry, _leaf(restored, p)) for p, entry in entries.items()}
+    if like is None:
+        return _nest(nodes), spec
+
+    def place(key_path, node):
+        return nodes[path_str(key_path)] if node is not None else None
+
+    return jax.tree_util.tree_map_with_path(place, like, is_leaf=is_adapter), spec
+
+
+def _spec_from(metadata: Mapping[str, Any]) -> LoraSpec:
+    data = dict(metadata["spec"])
+    entries = metadata["entries"]
+    lora_paths = [e["path"] for e in entries if e["kind"] == "lora"]
+    copies = [e["path"] for e in entries if e["kind"] == "trainable"]
+    targets = _paths_regex(lora_paths) if isinstance(data.get("targets"), dict) else None
+    spec = LoraSpec.from_dict(data, targets=targets)
+    if isinstance(data.get("trainable"), dict):
+        spec = dataclasses.replace(spec, trainable=_paths_regex(copies) if copies else None)
+    return spec
+
+
+def _paths_regex(paths: list[Path]) -> str:
+    return "|".join(re.escape(p) for p in paths) if paths else "(?!)"
+
+
+def _default_target(entry: Mapping[str, Any]) -> Any:
+    """Abstract arrays for a restore without ``like``: numpy, the saved dtypes."""
+    if entry["kind"] == "trainable":
+        return jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]))
+    layout = Layout.from_dict(entry["layout"])
+    rank = int(entry["rank"])
+    return {
+        "lora_a": jax.ShapeDtypeStruct(layout.a_shape(rank), jnp.dtype(entry["dtype"]["lora_a"])),
+        "lora_b": jax.ShapeDtypeStruct(layout.b_shape(rank), jnp.dtype(entry["dtype"]["lora_b"])),
+    }
+
+
+def _targets_like(like: Adapters, entries: Mapping[Path, Any], path: epath.Path) -> dict:
+    items = adapter_items(like)
+    like_paths = [p for p, _ in items]
+    missing = [p for p in entries if p not in set(like_paths)]
+    extra = [p for p in like_paths if p not in entries]
+    if missing or extra:
+        raise ValueError(
+            f"load(like=...): the checkpoint {str(path)!r} and `like` hold different "
+            f"adapters; only in the checkpoint: {missing[:5]}, only in like: {extra[:5]}"
+        )
+    targets = {}
+    for leaf_path, node in items:
+        entry = entries[leaf_path]
+        saved = _default_target(entry)
+        if entry["kind"] == "lora":
+            if not isinstance(node, LoraAdapter):
+                raise ValueError(
+                    f"load(like=...): the checkpoint has an adapter at {leaf_path!r} but "
+                    f"like has a {describe(node)} leaf there"
+                )
+            layout = Layout.from_dict(entry["layout"])
+            if node.layout != layout:
+                raise ValueError(
+                    f"load(like=...): the adapter at {leaf_path!r} was saved for a weight "
+                    f"of shape {list(layout.weight_shape)} with layout {layout}, but like "
+                    f"has {node.layout}"
+                )
+            like_arrays = {"lora_a": node.lora_a, "lora_b": node.lora_b}
+        else:
+            like_arrays = node
+        saved_leaves = jax.tree_util.tree_leaves(saved)
+        like_leaves = jax.tree_util.tree_leaves(like_arrays)
+        if len(saved_leaves) != len(like_leaves):
+            raise ValueError(
+                f"load(like=...): the checkpoint has a {entry['kind']} leaf at "
+                f"{leaf_path!r} but like has {describe(node)} there"
+            )
+        for saved_leaf, like_leaf in zip(saved_leaves, like_leaves):
+            if shape_of(saved_leaf) != shape_of(like_leaf):
+                raise ValueError(
+                    f"load(like=...): at {leaf_path!r} the checkpoint has "
+                    f"{describe(saved_leaf)} but like has {describe(like_leaf)}"
+                )
+        targets[leaf_path] = like_arrays
+    return targets
+
+
+def _restore_args(target: Any) -> Any:
+    def one(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:  # no placement asked for: numpy, put on a device below
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=jnp.dtype(leaf.dtype))
+        return ocp.ArrayRestoreArgs(
+            sharding=sharding, global_shape=shape_of(leaf), dtype=jnp.dtype(leaf.dtype)
+        )
+
+    return jax.tree_util.tree_map(one, target)
+
+
+def _node(entry: Mapping[str, Any], arrays: Any) -> Any:
+    arrays = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, arrays
+    )
+    if entry["kind"] == "trainable":
+        return arrays
+    return LoraAdapter(
+        lora_a=arrays["lora_a"],
+        lora_b=arrays["lora_b"],
+        scale=float(entry["scale"]),
+        layout=Layout.from_dict(entry["layout"]),
+        dropout=float(entry["dropout"]),
+    )
