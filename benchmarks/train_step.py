@@ -343,7 +343,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="peak memory of each variant in its own process (default on, off with --quick)",
     )
-    parser.add_argument("--json", default="benchmarks/results/train_step.json")
+    parser.add_argument("--json", default="runs/benchmarks/train_step.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
