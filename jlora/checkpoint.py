@@ -104,7 +104,7 @@ def save(
             METADATA_ITEM: ocp.args.JsonSave(metadata),
         }
     )
-    root = epath.Path(directory)
+    root = _as_path(directory)
     if step is None:
         if _step_paths(root):
             raise ValueError(
@@ -221,6 +221,12 @@ def _check_step(step: Any) -> int:
 # -- finding checkpoints --------------------------------------------------------------
 
 
+def _as_path(directory: str | os.PathLike) -> epath.Path:
+    """An absolute path (Orbax needs one); remote URLs such as ``gs://`` stay as they are."""
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def _is_checkpoint(path: epath.Path) -> bool:
     """A complete single checkpoint (or step directory) written by :func:`save`."""
     return (path / METADATA_ITEM).is_dir() and (path / ARRAYS_ITEM).is_dir()
@@ -272,7 +278,7 @@ def resolve(directory: str | os.PathLike, *, step: int | None = None) -> epath.P
       >>> checkpoint.resolve(root).name
       '2'
     """
-    root = epath.Path(directory)
+    root = _as_path(directory)
     steps = _step_paths(root)
     if step is not None:
         step = _check_step(step)
