@@ -40,6 +40,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -464,8 +465,10 @@ def load(
     key_map = _resolve_key_map(key_map)
     config = _read_config(directory)
     tensors = _read_tensors(directory)
-    by_module = _group(tensors, os.path.join(directory, WEIGHTS_NAME))
-    where = _locate(by_module, params, key_map, os.path.join(directory, WEIGHTS_NAME))
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    by_module, base_weights = _group(tensors, weights_file)
+    where = _locate(by_module, params, key_map, weights_file)
+    _check_base_weights(base_weights, params, key_map, weights_file)
 
     leaves = dict(leaves_with_paths(params))
     layouts = _load_layouts(where, leaves, params, key_map, fn, args, kwargs)
@@ -592,14 +595,26 @@ def _read_tensors(directory) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _group(tensors: Mapping[str, np.ndarray], weights_file: str) -> dict[str, dict[str, Any]]:
-    """``{module: {"A": array, "B": array}}`` from the file's keys."""
+_BASE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)(?:\.base_layer)?\.weight")
+
+
+def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
+    """``{module: {"A": array, "B": array}}`` and ``{module: base weight}`` from the keys.
+
+    PEFT saves the full base weight of a targeted embedding beside its factors
+    (``save_embedding_layers``, for resized vocabularies): those are returned apart.
+    """
     by_module: dict[str, dict[str, Any]] = {}
+    base_weights: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         found = _KEY.fullmatch(key)
         if found is None:
             if "lora_magnitude_vector" in key:
                 raise ValueError(f"{weights_file} holds DoRA magnitudes ({key!r}): not supported")
+            base = _BASE_KEY.fullmatch(key)
+            if base is not None and ".lora_" not in key:
+                base_weights[base["module"]] = value
+                continue
             raise ValueError(
                 f"{weights_file} holds {key!r}, which is not a PEFT LoRA factor "
                 "(expected base_model.model.<module>.lora_A.weight / lora_B.weight / "
@@ -615,7 +630,64 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str) -> dict[str, di
                 f"{weights_file}: module {module!r} has lora_{''.join(factors)} only; "
                 "expected both lora_A and lora_B"
             )
-    return by_module
+    return by_module, base_weights
+
+
+def _check_base_weights(base_weights, params, key_map, weights_file) -> None:
+    """Full base weights in the file must be the ones in ``params``: jlora loads adapters only.
+
+    PEFT saves them for embedding targets (``save_embedding_layers``, in case the
+    vocabulary was resized); a tied output layer with no leaf of its own must equal
+    one of the embeddings.
+    """
+    if not base_weights:
+        return
+    leaves = leaves_with_paths(params)
+    names = {key_map(path): (path, leaf) for path, leaf in leaves if _torch_weight_kind(path, leaf)}
+    embeddings = [(p, leaf) for p, leaf in leaves if _torch_weight_kind(p, leaf) == "embedding"]
+    for module, saved in base_weights.items():
+        if module in names:
+            path, leaf = names[module]
+            if not _same_weight(saved, path, leaf):
+                raise ValueError(
+                    f"{weights_file} holds the base weight of {module!r} ({saved.dtype}"
+                    f"{list(saved.shape)}), which is not the one params has at {path!r} "
+                    f"({describe(leaf)}): the adapter was saved with another or a resized "
+                    "base model, and jlora.peft loads LoRA factors only"
+                )
+        elif not any(_same_weight(saved, path, leaf) for path, leaf in embeddings):
+            raise ValueError(
+                f"{weights_file} holds a full weight for the PyTorch module {module!r} (PEFT "
+                "modules_to_save or saved embedding layers) that is neither a leaf of params "
+                f"under key_map {_key_map_name(key_map)!r} nor a tied embedding; jlora.peft "
+                "loads LoRA factors only"
+            )
+
+
+def _torch_weight_kind(path: Path, leaf: Any) -> str | None:
+    name = module_path(path)[1]
+    if name == "embedding" and _is_weight(leaf):
+        return "embedding"
+    if name == "kernel" and _is_weight(leaf) and len(shape_of(leaf)) == 2:
+        return "kernel"
+    return None
+
+
+def _same_weight(saved: np.ndarray, path: Path, leaf: Any) -> bool:
+    """Whether PyTorch's ``weight`` ``saved`` is this Flax leaf (kernels are transposed)."""
+    kind = _torch_weight_kind(path, leaf)
+    shape = shape_of(leaf)
+    if kind == "kernel":
+        shape = shape[::-1]
+    if kind is None or tuple(saved.shape) != tuple(shape):
+        return False
+    if not isinstance(leaf, (np.ndarray, jax.Array)) or isinstance(leaf, jax.core.Tracer):
+        return True  # abstract params: the shape is all there is to check
+    ours = np.asarray(leaf, np.float32)
+    if kind == "kernel":
+        ours = ours.T
+    coarsest = max(float(jnp.finfo(leaf.dtype).eps), float(jnp.finfo(saved.dtype).eps))
+    return bool(np.allclose(saved.astype(np.float32), ours, rtol=coarsest, atol=0.0))
 
 
 def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, str]]:
