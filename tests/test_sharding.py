@@ -409,3 +409,29 @@ def test_gather_check_sees_a_gathered_weight():
 
     hlo = jax.jit(gathers_a_weight).lower(placed).compile().as_text()
     assert base_weight_gathers(hlo, params, mesh) == {(2, 32, 4, 8): 1}
+
+
+# -- checkpoints move between meshes --------------------------------------------------
+
+
+def test_checkpoint_from_one_mesh_restores_onto_another_and_onto_one_device(tmp_path):
+    from jlora import checkpoint
+
+    _, spec, params, _, _, _ = setup()
+    saved = sharded_run("fsdp4_tp2")["adapters"]
+    path = checkpoint.save(tmp_path / "adapters", saved, spec)
+    expected = dict(leaves_with_paths(jax.device_get(saved)))
+
+    other = shardings(saved, param_shardings(params, make_mesh("fsdp2_tp4")))
+    one_device = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(jax.devices()[0]), saved)
+    for placements in (other, one_device):
+        like = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, placements
+        )
+        loaded, loaded_spec = checkpoint.load(path, like=like)
+        assert loaded_spec == spec
+        wanted = dict(leaves_with_paths(placements))
+        for leaf_path, leaf in leaves_with_paths(loaded):
+            assert leaf.sharding == wanted[leaf_path], leaf_path
+            np.testing.assert_array_equal(np.asarray(leaf), expected[leaf_path], leaf_path)
+        assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(saved)
