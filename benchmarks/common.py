@@ -67,27 +67,31 @@ def interleaved(
     repeats: int,
     warmup: int = 2,
     progress: bool = True,
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time each step ``repeats`` times in rounds (every variant once per round).
 
     The order within a round rotates so that no variant always follows the same
-    neighbour. Returns ``{name: [seconds per round]}``.
+    neighbour. Returns ``({name: [wall seconds per round]}, {name: [CPU seconds]})``:
+    the CPU time of this process (all its threads) is far less disturbed than the
+    wall time when other processes compete for the cores.
     """
     names = list(steps)
     for _ in range(warmup):
         for name in names:
             block(steps[name]())
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
     rounds = range(repeats)
     if progress:
         rounds = bar(rounds, desc="timing rounds", total=repeats)
     for r in rounds:
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             block(steps[name]())
             times[name].append(time.perf_counter() - start)
-    return times
+            cpu_times[name].append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -422,13 +423,15 @@ def main(argv=None) -> dict:
             **hlo_summary(variant.compiled, variant.target_shapes),
         }
 
-    times = common.interleaved(
+    times, cpu_times = common.interleaved(
         {n: variants[n].step for n in names}, repeats=repeats, warmup=args.warmup
     )
     ratios = {}
     for name in names:
-        rows[name]["step_s"] = sorted(times[name])[len(times[name]) // 2]
+        rows[name]["step_s"] = statistics.median(times[name])
         rows[name]["times_s"] = times[name]
+        rows[name]["step_cpu_s"] = statistics.median(cpu_times[name])
+        rows[name]["cpu_times_s"] = cpu_times[name]
     pairs = [
         ("jlora", "hand"),
         ("jlora", "full"),
@@ -446,6 +449,7 @@ def main(argv=None) -> dict:
         if numerator in times and denominator in times:
             ratios[f"{numerator}/{denominator}"] = {
                 "time": common.median_ratio(times, numerator, denominator),
+                "cpu_time": common.median_ratio(cpu_times, numerator, denominator),
                 "flops": rows[numerator]["flops"] / rows[denominator]["flops"],
                 "temp_bytes": rows[numerator]["temp_bytes"]
                 / max(rows[denominator]["temp_bytes"], 1.0),
@@ -456,6 +460,7 @@ def main(argv=None) -> dict:
             reference = "infer_base"
         if reference in times:
             rows[name]["time_vs_ref"] = common.median_ratio(times, name, reference)
+            rows[name]["cpu_vs_ref"] = common.median_ratio(cpu_times, name, reference)
             rows[name]["flops_vs_ref"] = rows[name]["flops"] / rows[reference]["flops"]
             rows[name]["reference"] = reference
 
@@ -470,6 +475,8 @@ def main(argv=None) -> dict:
         ("variant", "variant", ""),
         ("step_s", "step ms", "ms"),
         ("time_vs_ref", "time/ref", "x"),
+        ("step_cpu_s", "CPU ms", "ms"),
+        ("cpu_vs_ref", "CPU/ref", "x"),
         ("flops", "GFLOP", "G"),
         ("flops_vs_ref", "FLOP/ref", "x"),
         ("temp_bytes", "temp MB", "MB"),
@@ -482,13 +489,14 @@ def main(argv=None) -> dict:
     ]
     print(common.table(list(rows.values()), columns))
     print("\nreference: full (scan_* vs scan_full, infer_* vs infer_base); ratios are medians")
-    print(f"of per-round ratios over {repeats} interleaved rounds.\n")
+    print(f"of per-round ratios over {repeats} interleaved rounds; CPU = process CPU time.\n")
     print(
         common.table(
             [{"pair": k, **v} for k, v in ratios.items()],
             [
                 ("pair", "pair", ""),
                 ("time", "time", "x"),
+                ("cpu_time", "CPU time", "x"),
                 ("flops", "FLOPs", "x"),
                 ("temp_bytes", "temp bytes", "x"),
             ],
