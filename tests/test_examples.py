@@ -1,0 +1,100 @@
+"""Each example runs in its quick mode and its own headline claim holds.
+
+The examples check their claims themselves (loss went down, adapter off equals the
+base exactly, merged equals adapter on) and exit non-zero when one fails; these tests
+run them as a user would, in a subprocess, and read the exit code and the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def run_example(name: str, *args: str, timeout: float = 240) -> str:
+    """Run ``examples/<name>`` with ``--quick``; return its stdout, failing on a non-zero exit."""
+    env = dict(os.environ)
+    # A user's process: one CPU device, no progress bars in the captured output.
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "force_host_platform_device_count" not in f)
+    env["TQDM_DISABLE"] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
+    assert result.returncode == 0, (
+        f"{name} exited with {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+        f"\n--- stderr\n{result.stderr[-4000:]}"
+    )
+    assert "FAILED" not in result.stdout
+    return result.stdout
+
+
+def test_finetune_lm(tmp_path):
+    out = run_example(
+        "finetune_lm.py", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")
+    )
+    assert "OK: PipeQL loss went down" in out
+    before, after = map(float, re.search(r"PipeQL loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before
+    assert "trainable params:" in out
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 0
+    assert any((tmp_path / "cache").glob("charlm-*.msgpack"))  # the base is cached
+    if "adapter on disk (peft)" in out:
+        assert (tmp_path / "out" / "adapter_peft" / "adapter_config.json").exists()
+
+
+def test_digits(tmp_path):
+    out = run_example("digits.py", "--out", str(tmp_path))
+    assert re.search(r"OK: digit \d improved at every rank", out)
+    assert "adapter off == base: True" in out
+    assert (tmp_path / "digits.png").stat().st_size > 0
+
+
+def test_classify_bert(tmp_path):
+    out = run_example("classify_bert.py", "--out", str(tmp_path))
+    before, after = map(float, re.search(r"base ([\d.]+) -> LoRA .* ([\d.]+);", out).groups())
+    assert after > before
+    assert "OK: accuracy went up" in out
+
+
+def test_nnx_and_equinox(tmp_path):
+    out = run_example("nnx_and_equinox.py", "--out", str(tmp_path))
+    assert "NNX: adapters on linear1/kernel/value, linear2/kernel/value" in out
+    assert "Equinox: adapters on layers/0/weight, layers/1/weight" in out
+    assert "OK: for NNX and Equinox" in out
+
+
+def test_sql_grammar_is_seeded_and_well_formed():
+    sql_grammar = pytest.importorskip("sql_grammar")
+    text = sql_grammar.corpus(200, seed=3)
+    assert text == sql_grammar.corpus(200, seed=3)
+    assert text != sql_grammar.corpus(200, seed=4)
+    for line in text.splitlines():
+        assert re.fullmatch(r"(from \w+( \|> [^;|]+)+|put \w+ \([\w, ]+\) <- \([^;]+\));", line)
+    # Columns only ever come from the statement's own table (or a joined one).
+    rng = random.Random(0)
+    for _ in range(200):
+        statement = sql_grammar.query(rng)
+        table = statement.split()[1]
+        allowed = set(sql_grammar.SCHEMAS[table])
+        for other in sql_grammar.SCHEMAS:
+            if f"join {other}" in statement:
+                allowed |= set(sql_grammar.SCHEMAS[other])
+        pick = re.search(r"pick ([\w, ]+)", statement)
+        if pick:
+            assert set(pick.group(1).replace(" ", "").split(",")) <= allowed
