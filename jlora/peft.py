@@ -695,8 +695,8 @@ def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, 
     exact: dict[str, Path] = {}
     stacked: list[tuple[re.Pattern, Path]] = []
     for path, leaf in leaves_with_paths(params):
-        if not _is_weight(leaf):
-            continue
+        if not _is_weight(leaf) or module_path(path)[1] in _NOT_WEIGHTS:
+            continue  # stacked biases and norm scales share their module's name
         name = key_map(path)
         if name is None:
             continue
@@ -725,6 +725,9 @@ def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, 
                 "is this adapter for another model, or do you need another key_map?"
             )
     return where
+
+
+_NOT_WEIGHTS = frozenset({"bias", "scale"})
 
 
 def _is_weight(leaf: Any) -> bool:
