@@ -329,22 +329,30 @@ def _gather(eqn, invals, ctx):
     params = eqn.params
     dims = params["dimension_numbers"]
     ins, outs = value.axes("I"), value.axes("O")
-    if dims.operand_batching_dims or sorted(dims.collapsed_slice_dims) != ins:
+    mapped = list(dims.start_index_map)
+    if dims.operand_batching_dims or not set(dims.collapsed_slice_dims) <= set(ins):
         return None
-    if sorted(dims.start_index_map) != ins:
+    if not set(ins) <= set(mapped):
         return None
     sizes = params["slice_sizes"]
     if any(sizes[a] != 1 for a in ins) or any(sizes[a] != value.w.shape[a] for a in outs):
         return None
+    # ``vmap`` of a row lookup (Equinox's Embedding) also gives the output axes a start
+    # index; sliced whole, that index is clamped to 0 unless out-of-bounds starts fill.
+    if set(mapped) - set(ins) and params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+        return None
     base = bind(eqn, [value.w, indices])[0]
-    n_out = len(outs)
-    n_batch = base.ndim - n_out
+    kept = [a for a in range(value.w.ndim) if a not in dims.collapsed_slice_dims]
+    n_batch = base.ndim - len(kept)
+    columns = [k for k, axis in enumerate(mapped) if axis in ins]
+    if len(columns) != len(mapped):
+        indices = jnp.concatenate([indices[..., k : k + 1] for k in columns], axis=-1)
     # Rows of A: the same lookup over A's input axes, r kept whole at the end.
     position = {axis: k for k, axis in enumerate(ins)}
     a_dims = jax.lax.GatherDimensionNumbers(
         offset_dims=(n_batch,),
         collapsed_slice_dims=tuple(range(len(ins))),
-        start_index_map=tuple(position[a] for a in dims.start_index_map),
+        start_index_map=tuple(position[mapped[k]] for k in columns),
     )
     t = jax.lax.gather(
         value.a,
@@ -358,7 +366,9 @@ def _gather(eqn, invals, ctx):
     )
     t = t * jnp.asarray(value.scale, t.dtype)
     u = jax.lax.dot_general(t, value.b.astype(t.dtype), (((t.ndim - 1,), (0,)), ((), ())))
-    # u: (*batch, *O); put the O axes where the lookup puts its offset axes.
+    # u: (*batch, *O) -> (*batch, *kept) with the uncollapsed input axes as size 1; then
+    # put the kept axes where the lookup puts its offset axes.
+    u = u.reshape(u.shape[:n_batch] + tuple(value.w.shape[a] if a in outs else 1 for a in kept))
     offset = list(dims.offset_dims)
     perm, batch_k = [], 0
     for position_out in range(base.ndim):

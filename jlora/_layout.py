@@ -169,8 +169,16 @@ class _Walker:
         if prim is P.gather_p:
             if view is not None:
                 dims = params["dimension_numbers"]
-                ins = frozenset().union(*(view.axes[a] for a in dims.start_index_map))
-                rest = [a for a in range(len(view.axes)) if a not in dims.start_index_map]
+                shape, sizes = eqn.invars[0].aval.shape, params["slice_sizes"]
+                # An axis sliced whole is not looked up, even with a start index (``vmap``
+                # of a row lookup, as in Equinox's Embedding, indexes every axis).
+                looked_up = [
+                    a
+                    for a in dims.start_index_map
+                    if sizes[a] != shape[a] or a in dims.collapsed_slice_dims
+                ]
+                ins = frozenset().union(*(view.axes[a] for a in looked_up))
+                rest = [a for a in range(len(view.axes)) if a not in looked_up]
                 outs = frozenset().union(*(view.axes[a] for a in rest))
                 self.propose(view, "gather", ins, outs)
             return none
