@@ -561,3 +561,18 @@ def test_saved_base_embedding_must_match(tmp_path):
     )
     with pytest.raises(ValueError, match=r"base weight of 'embed'.*params/embed/embedding"):
         jlora.peft.load(tmp_path, params, key_map="flax")
+
+
+def test_load_onto_abstract_params(tmp_path):
+    """Shapes are enough (``jax.ShapeDtypeStruct``), as ``jlora convert`` uses it."""
+    params = dense_params()
+    spec = jlora.LoraSpec(rank=2, targets=["dense", "embed"])
+    adapters = perturb(jlora.init(spec, params, jax.random.key(1)), 3)
+    jlora.peft.save(tmp_path, adapters, spec, key_map="flax")
+    _, tensors = read(tmp_path)
+    embedding = np.asarray(params["params"]["embed"]["embedding"])
+    key = "base_model.model.embed.base_layer.weight"
+    safetensors.numpy.save_file({**tensors, key: embedding}, os.path.join(tmp_path, WEIGHTS_NAME))
+    shapes = jax.eval_shape(lambda: params)
+    loaded, _ = jlora.peft.load(tmp_path, shapes, key_map="flax")
+    assert_same_adapters(loaded, adapters)
