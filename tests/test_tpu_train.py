@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tpu_scripts"))
 
 import llama  # noqa: E402  (tpu_scripts is not a package)
+import train  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -68,3 +69,86 @@ def test_llama_loads_hf_safetensors_and_matches_transformers(tmp_path, extra):
     with jax.default_matmul_precision("highest"):
         logits = jax.jit(model.apply)(params, jnp.asarray(tokens, jnp.int32))
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
+
+
+# -- data: each host reads its own rows ------------------------------------------------
+
+
+@pytest.mark.parametrize("corpus", [False, True], ids=["synthetic", "text"])
+def test_hosts_read_disjoint_rows_of_the_same_global_batch(corpus):
+    sequences = np.arange(40 * 9, dtype=np.int32).reshape(40, 9) if corpus else None
+    kwargs = dict(batch=8, seq=8, vocab=64, sequences=sequences, seed=3)
+    whole = train.local_batch(5, (0, 8), **kwargs)
+    halves = [train.local_batch(5, rows, **kwargs) for rows in ((0, 4), (4, 8))]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+    assert whole.shape == (8, 9) and whole.dtype == np.int32
+    assert not np.array_equal(whole, train.local_batch(6, (0, 8), **kwargs))
+
+
+def test_host_rows_follow_the_batch_sharding():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
+    sharding = jax.sharding.NamedSharding(mesh, llama.P(("data", "fsdp"), None))
+    assert train.host_rows(sharding, (16, 9)) == (0, 16)  # one host holds every row
+
+
+# -- train.py --simulate 8, then a resume ----------------------------------------------
+
+
+def run_train(tmp_path, steps: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    command = [
+        sys.executable, str(ROOT / "tpu_scripts" / "train.py"), "--simulate", "8",
+        "--fsdp", "4", "--tensor", "2", "--batch", "8", "--seq", "16", "--rank", "4",
+        "--steps", str(steps), "--log-every", "1", "--eval-every", "2", "--eval-batches", "1",
+        "--save-every", "2", "--ckpt-dir", str(tmp_path / "run"),
+        "--compile-cache", str(tmp_path / "xla-cache"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_metrics(tmp_path) -> list[dict]:
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_train_simulate_then_resume_from_the_last_checkpoint(tmp_path):
+    run_train(tmp_path, steps=4)
+    first = read_metrics(tmp_path)
+    losses = {e["step"]: e["loss"] for e in first if "loss" in e}
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    assert [e["step"] for e in first if "eval_loss" in e] == [2, 4]
+    assert all(e["tokens_per_s"] > 0 for e in first if e["step"] > 1 and "loss" in e)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+    # Pretend the job died after step 2's checkpoint: the rerun resumes there and
+    # repeats steps 3 and 4 exactly (same data, same adapters and optimizer state).
+    shutil.rmtree(tmp_path / "run" / "4")
+    result = run_train(tmp_path, steps=4)
+    assert "resumed from step 2" in result.stdout
+    second = read_metrics(tmp_path)[len(first) :]
+    assert [(e["step"], e["loss"]) for e in second if "loss" in e] == [
+        (3, losses[3]),
+        (4, losses[4]),
+    ]
+    assert [e["eval_loss"] for e in second if "eval_loss" in e] == [
+        e["eval_loss"] for e in first if "eval_loss" in e and e["step"] == 4
+    ]
+
+    # The exported adapters load with jlora.checkpoint, sharded like the base.
+    from jlora import checkpoint
+
+    adapters, spec = checkpoint.load(tmp_path / "run" / "adapters")
+    assert spec.rank == 4
+    q = adapters["params"]["layers"]["q"]["kernel"]
+    assert q.lora_a.shape == (2, 64, 4) and q.lora_b.shape == (2, 4, 4 * 16)
+
+
+def test_shell_scripts_parse_and_launch_prints_usage():
+    for script in ("setup.sh", "launch.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "tpu_scripts" / script)], check=True)
+    usage = subprocess.run(
+        ["bash", str(ROOT / "tpu_scripts" / "launch.sh")], capture_output=True, text=True
+    )
+    assert usage.returncode == 2 and "--worker=all" in usage.stdout
