@@ -7,6 +7,7 @@
 >>> y = jlora.lora(lambda p, x: x @ p["dense"]["kernel"])(params, adapters, jnp.ones((1, 4)))
 """
 
+from jlora import peft
 from jlora._adapter import Layout, LoraAdapter, is_adapter
 from jlora._engine import Explanation, Uses
 from jlora._init import init
@@ -15,6 +16,8 @@ from jlora._merge import delta, merge, unmerge
 from jlora._optim import labels, optimizer, summary
 from jlora._spec import LoraSpec
 from jlora._types import Adapters, Params, Path
+from jlora.checkpoint import load, save
+from jlora.sharding import init_sharded, partition_specs, shardings
 
 __version__ = "0.1.0"
 
@@ -30,11 +33,17 @@ __all__ = [
     "delta",
     "explain",
     "init",
+    "init_sharded",
     "is_adapter",
     "labels",
+    "load",
     "lora",
     "merge",
     "optimizer",
+    "partition_specs",
+    "peft",
+    "save",
+    "shardings",
     "summary",
     "unmerge",
 ]

@@ -118,7 +118,9 @@ class LoraAdapter:
         layout = self.layout
         a = self.lora_a
         b = self.lora_b
-        dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+        dtype = jnp.dtype(
+            jnp.float64 if max(a.dtype.itemsize, b.dtype.itemsize) > 4 else jnp.float32
+        )
         product = jnp.matmul(a.astype(dtype), b.astype(dtype)) * jnp.asarray(self.scale, dtype)
         grouped = product.reshape(layout.stack_shape + layout.in_shape + layout.out_shape)
         order = layout.stack_axes + layout.in_axes + layout.out_axes

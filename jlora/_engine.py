@@ -87,7 +87,7 @@ jax.tree_util.register_dataclass(
 def delta_of(value: LoraValue) -> Array:
     """``scale * A @ B`` in ``w``'s current shape and axis order, float32 or wider."""
     n_stack = len(value.axes("S"))
-    dtype = jnp.promote_types(jnp.promote_types(value.a.dtype, value.b.dtype), jnp.float32)
+    dtype = wide_float(value.a.dtype, value.b.dtype)
     stack_dims = tuple(range(n_stack))
     product = jax.lax.dot_general(
         value.a.astype(dtype),
@@ -102,9 +102,14 @@ def delta_of(value: LoraValue) -> Array:
     return jnp.transpose(product, inverse)
 
 
+def wide_float(*dtypes: Any) -> Any:
+    """float64 if any of ``dtypes`` is 64-bit, else float32: where merges are summed."""
+    return jnp.dtype(jnp.float64 if any(jnp.dtype(d).itemsize > 4 for d in dtypes) else jnp.float32)
+
+
 def add_delta(weight: Array, delta: Array) -> Array:
     """``weight + delta`` computed in float32 (or wider) and cast back to weight's dtype."""
-    dtype = jnp.promote_types(weight.dtype, delta.dtype)
+    dtype = wide_float(weight.dtype, delta.dtype)
     return (weight.astype(dtype) + delta.astype(dtype)).astype(weight.dtype)
 
 
@@ -485,7 +490,7 @@ def _dynamic_slice(eqn, invals, ctx):
         if kind != "S" and sizes[axis] != value.w.shape[axis]:
             return None
     stack = value.axes("S")
-    w = bind(eqn, invals)[0]
+    w = bind(eqn, [value.w, *starts])[0]
     zero = jnp.zeros((), jnp.int32)
     stack_starts = [starts[s] for s in stack]
     stack_sizes = [sizes[s] for s in stack]
