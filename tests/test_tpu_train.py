@@ -152,3 +152,22 @@ def test_shell_scripts_parse_and_launch_prints_usage():
         ["bash", str(ROOT / "tpu_scripts" / "launch.sh")], capture_output=True, text=True
     )
     assert usage.returncode == 2 and "--worker=all" in usage.stdout
+
+
+def test_size_arithmetic_counts_what_the_model_and_jlora_create():
+    import sizes
+
+    import jlora
+
+    cfg = llama.PRESETS["tiny"]
+    model = llama.Llama(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
+    tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == cfg.params()
+    spec = jlora.LoraSpec(rank=4, targets=list(sizes.TARGETS))
+    adapters = jax.eval_shape(
+        lambda p: jlora.init(spec, p, jax.random.key(0), fn=model.apply, args=(tokens,)), params
+    )
+    assert sum(x.size for x in jax.tree_util.tree_leaves(adapters)) == sizes.adapter_params(cfg, 4)
+    parts = sizes.estimate(cfg, chips=8, batch=8, seq=16, rank=4)
+    assert parts["total"] == pytest.approx(parts["base"] + parts["adapters"] + parts["activations"])
