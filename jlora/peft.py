@@ -474,51 +474,17 @@ def load(
     layouts = _load_layouts(where, leaves, params, key_map, fn, args, kwargs)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     rslora = bool(config.get("use_rslora", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
 
+    if not by_module:
+        raise ValueError(f"{weights_file} holds no LoRA factors")
     nodes: dict[Path, LoraAdapter] = {}
     spec_ranks: dict[str, int] = {}
     spec_alphas: dict[str, float] = {}
     for path, layers in where.items():
-        layout = layouts[path]
-        if len(layers) and len(next(iter(layers))) != len(layout.stack_axes):
-            raise ValueError(
-                f"key_map names {path!r} with {len(next(iter(layers)))} '{{}}' fields but "
-                f"its layout {layout} has {len(layout.stack_axes)} stack axes"
-            )
-        missing = [i for i in np.ndindex(*layout.stack_shape) if i not in layers]
-        if missing:
-            raise ValueError(
-                f"the adapter file has no module for layer {list(missing[0])} of the "
-                f"stacked weight {path!r} (found layers {sorted(layers)[:8]})"
-            )
-        ranks = {_peft_value(rank_pattern, m, rank) for m in layers.values()}
-        alphas = {float(_peft_value(alpha_pattern, m, alpha)) for m in layers.values()}
-        if len(ranks) > 1 or len(alphas) > 1:
-            raise ValueError(
-                f"the modules of the stacked weight {path!r} have ranks {sorted(ranks)} and "
-                f"alphas {sorted(alphas)}: one jlora adapter holds one rank and alpha"
-            )
-        path_rank, path_alpha = int(ranks.pop()), alphas.pop()
-        a_rows, b_cols = [], []
-        for index in np.ndindex(*layout.stack_shape):
-            module = layers[index]
-            lora_a, lora_b = _factors(by_module[module], module, path, layout, path_rank)
-            a_rows.append(lora_a.T)
-            b_cols.append(lora_b.T)
-        lora_a = np.stack(a_rows).reshape(layout.a_shape(path_rank))
-        lora_b = np.stack(b_cols).reshape(layout.b_shape(path_rank))
-        denominator = math.sqrt(path_rank) if rslora else path_rank
-        nodes[path] = LoraAdapter(
-            lora_a=jnp.asarray(lora_a),
-            lora_b=jnp.asarray(lora_b),
-            scale=path_alpha / denominator,
-            layout=layout,
-            dropout=float(config.get("lora_dropout") or 0.0),
-        )
-        if path_rank != rank:
-            spec_ranks[re.escape(path)] = path_rank
+        node, path_alpha = _adapter(path, layers, layouts[path], by_module, config)
+        nodes[path] = node
+        if node.rank != rank:
+            spec_ranks[re.escape(path)] = node.rank
         if path_alpha != alpha:
             spec_alphas[re.escape(path)] = path_alpha
 
@@ -761,6 +727,46 @@ def _load_layouts(where, leaves, params, key_map, fn, args, kwargs) -> dict[Path
             )
         layouts[path] = layout
     return layouts
+
+
+def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, float]:
+    """The adapter of ``path`` from its PEFT modules (one per stack index), and its alpha."""
+    if len(next(iter(layers))) != len(layout.stack_axes):
+        raise ValueError(
+            f"key_map names {path!r} with {len(next(iter(layers)))} '{{}}' fields but "
+            f"its layout {layout} has {len(layout.stack_axes)} stack axes"
+        )
+    missing = [i for i in np.ndindex(*layout.stack_shape) if i not in layers]
+    if missing:
+        raise ValueError(
+            f"the adapter file has no module for layer {list(missing[0])} of the "
+            f"stacked weight {path!r} (found layers {sorted(layers)[:8]})"
+        )
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    ranks = {int(_peft_value(rank_pattern, m, config["r"])) for m in layers.values()}
+    alphas = {float(_peft_value(alpha_pattern, m, config["lora_alpha"])) for m in layers.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(
+            f"the modules of the stacked weight {path!r} have ranks {sorted(ranks)} and "
+            f"alphas {sorted(alphas)}: one jlora adapter holds one rank and alpha"
+        )
+    rank, alpha = ranks.pop(), alphas.pop()
+    a_rows, b_cols = [], []
+    for index in np.ndindex(*layout.stack_shape):
+        module = layers[index]
+        lora_a, lora_b = _factors(by_module[module], module, path, layout, rank)
+        a_rows.append(lora_a.T)
+        b_cols.append(lora_b.T)
+    denominator = math.sqrt(rank) if config.get("use_rslora") else rank
+    node = LoraAdapter(
+        lora_a=jnp.asarray(np.stack(a_rows).reshape(layout.a_shape(rank))),
+        lora_b=jnp.asarray(np.stack(b_cols).reshape(layout.b_shape(rank))),
+        scale=alpha / denominator,
+        layout=layout,
+        dropout=float(config.get("lora_dropout") or 0.0),
+    )
+    return node, alpha
 
 
 def _peft_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
