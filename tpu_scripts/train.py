@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import llama
+import sizes
 
 import jlora
 from jlora import checkpoint as adapter_checkpoint
@@ -403,6 +404,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(+{2 * adapter_params * 4 / 2**20:.2f} MiB Adam state), sharded like their weights"
     )
 
+    estimate = sizes.estimate(
+        cfg,
+        chips=jax.device_count(),
+        batch=args.batch,
+        seq=args.seq,
+        rank=args.rank,
+        tensor=mesh.shape["tensor"],
+        param_bytes=param_dtype.itemsize,
+        act_bytes=compute_dtype.itemsize,
+    )
+    log(
+        "estimated per chip: "
+        + ", ".join(
+            f"{k} {estimate[k] / 2**30:.2f} GiB" for k in ("base", "adapters", "activations")
+        )
+        + " (tpu_scripts/sizes.py)"
+    )
+
     manager = checkpoint_manager(args)
     first_step = 1
     if manager is not None:
@@ -451,8 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out_dir = args.out or args.ckpt_dir
     metrics_path = epath.Path(out_dir) / "metrics.jsonl" if out_dir else None
+    history: list[str] = []
     if metrics_path is not None and jax.process_index() == 0:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if metrics_path.exists():  # a resumed run continues the file
+            history = metrics_path.read_text().splitlines()
 
     def record(entry: dict[str, Any]) -> None:
         log(
@@ -461,8 +483,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
         if metrics_path is not None and jax.process_index() == 0:
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            history.append(json.dumps(entry))
+            # Rewritten whole: gs:// objects cannot be appended to.
+            metrics_path.write_text("\n".join(history) + "\n")
 
     tokens_per_step = args.batch * args.seq
     model_flops = flops_per_token(cfg, args.seq, adapter_params) * tokens_per_step
@@ -513,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manager.close()
     if out_dir and first_step <= args.steps:
         path = adapter_checkpoint.save(
-            epath.Path(out_dir) / "adapters", state["adapters"], spec, overwrite=True
+            f"{out_dir.rstrip('/')}/adapters", state["adapters"], spec, overwrite=True
         )
         log(f"adapters written to {path} (jlora.checkpoint.load to use them)")
     log(memory_line())
