@@ -70,7 +70,7 @@ def setup():
     """The model, base params, adapters with a non-zero B, tokens and the optimizer."""
     model = Decoder()
     tokens = jax.random.randint(jax.random.key(1), (BATCH, LENGTH), 0, model.vocab)
-    params = model.init(jax.random.key(0), tokens)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)
     spec = jlora.LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
     adapters = jlora.init(spec, params, jax.random.key(2), fn=model.apply, args=(tokens,))
     # A non-zero B, so that one step moves both factors.
