@@ -19,6 +19,12 @@ So a factor is never gathered to one device: it is split over the same mesh axes
 as the weight it belongs to, and the low-rank matmuls ``x·A`` and ``(x·A)·B``
 partition like the base matmul ``x·W`` around them. Entries that are
 ``PartitionSpec.UNCONSTRAINED`` count as unsharded.
+
+Meshes are expected to have ``AxisType.Auto`` axes (``Mesh(devices, names)``, or
+``jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)``; recent JAX makes Explicit
+axes by default), as for any model written without explicit-sharding annotations:
+XLA then places the collectives, and the tests check that jlora's step gathers no
+base weight that the model's own step does not.
 """
 
 from __future__ import annotations
