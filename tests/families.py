@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 VOCAB = 64
 WIDTH = 16
-LAYERS = 2
+LAYERS = 1
 
 
 class Family(NamedTuple):
