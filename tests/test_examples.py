@@ -20,7 +20,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 
-def run_example(name: str, *args: str, timeout: float = 240) -> str:
+def run_example(name: str, *args: str, timeout: float = 600) -> str:
     """Run ``examples/<name>`` with ``--quick``; return its stdout, failing on a non-zero exit."""
     env = dict(os.environ)
     # A user's process: one CPU device, no progress bars in the captured output.
