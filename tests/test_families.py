@@ -133,3 +133,44 @@ def test_fresh_adapters_give_the_base_output(name, use_jit):
         # differently: 1 ulp (3e-8 of 0.13) on BERT, bit-exact on the other families.
         base = np.asarray(base)
         np.testing.assert_allclose(out, base, rtol=0, atol=1e-6 * np.abs(base).max())
+
+
+def lookup_case():
+    """A (vocab, features) table, perturbed adapters and ids, some out of range."""
+    params = {"table": jax.random.normal(jax.random.key(0), (10, 4))}
+    adapters = jlora.init(jlora.LoraSpec(rank=2, targets="table"), params, jax.random.key(1))
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.5, adapters)  # B != 0
+    ids = jnp.array([[0, 3, 9], [12, -1, 4]], jnp.int32)
+    return params, adapters, ids
+
+
+def test_vmapped_row_lookup_is_factored():
+    # Equinox's Embedding pattern: ``w[i]`` for a scalar i under vmap becomes a gather
+    # that also gives the feature axis a start index (0, with the axis sliced whole).
+    params, adapters, ids = lookup_case()
+
+    def fn(params, ids):
+        return jax.vmap(jax.vmap(lambda i: params["table"][i]))(ids)
+
+    assert jlora.explain(fn, params, adapters, ids)["table"] == jlora.Uses(1, 0)
+    expected = fn(jlora.merge(params, adapters), ids)
+    np.testing.assert_allclose(jlora.lora(fn)(params, adapters, ids), expected, rtol=1e-6)
+
+
+def test_lookup_with_fill_on_the_feature_axis_falls_back():
+    # With FILL_OR_DROP an out-of-range start on the feature axis would fill, so the
+    # lookup is not only a row lookup: the engine builds W + s·B·A for it, and counts it.
+    params, adapters, ids = lookup_case()
+    dims = jax.lax.GatherDimensionNumbers(
+        offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0, 1)
+    )
+
+    def fn(params, ids):
+        starts = jnp.stack([ids, jnp.zeros_like(ids)], axis=-1)
+        return jax.lax.gather(
+            params["table"], starts, dims, (1, 4), mode=jax.lax.GatherScatterMode.FILL_OR_DROP
+        )
+
+    assert jlora.explain(fn, params, adapters, ids)["table"] == jlora.Uses(0, 1)
+    expected = fn(jlora.merge(params, adapters), ids)
+    np.testing.assert_allclose(jlora.lora(fn)(params, adapters, ids), expected, rtol=1e-6)
