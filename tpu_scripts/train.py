@@ -391,9 +391,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, max(args.warmup, 1), max(args.steps, args.warmup + 1)
     )
-    tx = jlora.optimizer(
-        optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)),
-        adapters,
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),  # over all adapters at once
+        jlora.optimizer(optax.adamw(schedule, weight_decay=0.0), adapters),
     )
     state = jax.jit(lambda a: {"adapters": a, "opt_state": tx.init(a)})(adapters)
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
