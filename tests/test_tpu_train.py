@@ -171,3 +171,20 @@ def test_size_arithmetic_counts_what_the_model_and_jlora_create():
     assert sum(x.size for x in jax.tree_util.tree_leaves(adapters)) == sizes.adapter_params(cfg, 4)
     parts = sizes.estimate(cfg, chips=8, batch=8, seq=16, rank=4)
     assert parts["total"] == pytest.approx(parts["base"] + parts["adapters"] + parts["activations"])
+
+
+def test_every_llama_target_runs_factored():
+    import jlora
+
+    cfg = llama.PRESETS["tiny"]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
+    model = llama.Llama(cfg, dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh)
+    tokens = jax.ShapeDtypeStruct((8, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    spec = jlora.LoraSpec(rank=4, targets=["q", "k", "v", "o", "gate", "up", "down", "embed"])
+    adapters = jax.eval_shape(
+        lambda p: jlora.init(spec, p, jax.random.key(0), fn=model.apply, args=(tokens,)), params
+    )
+    report = jlora.explain(model.apply, params, adapters, tokens)
+    assert len(report) == 8
+    assert all(uses.materialized == 0 and uses.factored >= 1 for uses in report.values()), report
