@@ -286,28 +286,36 @@ def peft_module_name(path: str) -> str:
     )
 
 
-def save_adapter(out: pathlib.Path, adapters, spec) -> dict[str, pathlib.Path]:
-    """Write the adapter in Orbax form and in PEFT form (when those modules exist)."""
+def save_adapter(out: pathlib.Path, adapters, spec, params) -> dict[str, pathlib.Path]:
+    """Write the adapter in Orbax and PEFT form, read each back and check it is bit-exact."""
     written = {}
-    save = getattr(jlora, "save", None)
-    if save is None:
-        try:
-            from jlora.checkpoint import save
-        except ImportError:
-            save = None
-    if save is None:
-        print("note: jlora.save (Orbax checkpoint) is not available in this jlora; skipped")
+    try:
+        from jlora import checkpoint
+    except ImportError:
+        print("note: jlora.checkpoint (Orbax) is not available in this jlora; skipped")
     else:
-        save(out / "adapter_orbax", adapters, spec)
+        checkpoint.save(out / "adapter_orbax", adapters, spec, overwrite=True)
+        loaded, _ = checkpoint.load(out / "adapter_orbax", like=adapters)
         written["orbax"] = out / "adapter_orbax"
+        check_same("Orbax", loaded, adapters)
     try:
         import jlora.peft as peft
     except ImportError:
         print("note: jlora.peft (PEFT export) is not available in this jlora; skipped")
     else:
         peft.save(out / "adapter_peft", adapters, spec, key_map=peft_module_name)
+        loaded, _ = peft.load(out / "adapter_peft", params, key_map=peft_module_name)
         written["peft"] = out / "adapter_peft"
+        check_same("PEFT", loaded, adapters)
     return written
+
+
+def check_same(kind: str, loaded, adapters) -> None:
+    same = jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), loaded, adapters)
+    )
+    if not same:
+        raise SystemExit(f"FAILED: the {kind} adapter files do not read back bit-exact")
 
 
 def plot(path: pathlib.Path, pretrain_curve, lora_curve, evals, base_python: float) -> None:
@@ -438,7 +446,7 @@ def main(argv=None) -> int:
     sql_merged = float(eval_base(merged, sql_eval))
     samples_after = generate(sampler, merged, PROMPTS, config.context, args.seed)
 
-    written = save_adapter(args.out, adapters, spec)
+    written = save_adapter(args.out, adapters, spec, params)
     plot(args.out / "loss.png", pretrain_curve, lora_curve, evals, base_python)
     model_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     adapter_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(adapters))
@@ -461,7 +469,7 @@ def main(argv=None) -> int:
         size = disk_size(path)
         print(
             f"  adapter on disk ({kind}): {human(size)} "
-            f"({100 * size / model_bytes:.1f} % of the model) in {path}"
+            f"({100 * size / model_bytes:.1f} % of the model; reads back bit-exact) in {path}"
         )
     print("\nsamples before (the Python base, prompted with PipeQL):")
     for text in samples_before:
