@@ -91,7 +91,9 @@ def optimizer(
         "trainable": tx,
         "frozen": optax.set_to_zero(),
     }
-    return optax.partition(transforms, tree_labels)
+    # A callable, not the tree itself: optax would call a callable tree (an Equinox
+    # module is one) as if it were the labelling function.
+    return optax.partition(transforms, lambda _: tree_labels)
 
 
 def _count(tree: Any) -> int:

@@ -746,3 +746,22 @@ def test_works_with_flax_apply_kwargs_and_static_args():
     np.testing.assert_allclose(
         out, model.apply(jlora.merge(params, adapters), x, double=True), rtol=1e-6
     )
+
+
+def test_optimizer_on_a_callable_adapters_tree():
+    """An Equinox adapters tree is a callable module: optax must not call it."""
+    import equinox as eqx
+
+    model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def fn(p, x):
+        return eqx.combine(p, static)(x)
+
+    spec = jlora.LoraSpec(rank=2, targets="weight")
+    adapters = jlora.init(spec, params, jax.random.key(1), fn=fn, args=(jnp.ones(4),))
+    tx = jlora.optimizer(optax.sgd(0.5), adapters, lora_plus_ratio=2.0)
+    grads = jax.tree_util.tree_map(jnp.ones_like, adapters)
+    updates, _ = tx.update(grads, tx.init(adapters), adapters)
+    np.testing.assert_allclose(updates.weight.lora_a, -0.5 * np.ones((4, 2)))
+    np.testing.assert_allclose(updates.weight.lora_b, -1.0 * np.ones((2, 3)))
