@@ -42,7 +42,7 @@ from jlora._paths import leaves_with_paths, path_str
 from jlora._spec import LoraSpec
 from jlora._types import Adapters, Array, Params
 
-__all__ = ["factor_specs", "init_sharded", "partition_specs", "shardings"]
+__all__ = ["factor_specs", "init_sharded", "partition_specs", "shardings", "state_shardings"]
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:
@@ -224,6 +224,64 @@ def shardings(adapters: Adapters, param_shardings: Any) -> Adapters:
         )
 
     return _map_nodes(adapters, table, make, "param_shardings")
+
+
+def state_shardings(state: Any, adapter_shardings: Adapters, *, default: Any = None) -> Any:
+    """Shardings for a tree holding copies of the adapters: optimizer moments, an EMA.
+
+    A leaf of ``state`` whose path ends with the path of a factor (or trainable
+    copy) in ``adapter_shardings`` gets that factor's sharding, so
+    Adam's moments are split exactly like the factors they follow (left to XLA they
+    come out replicated: ``zeros_like`` does not carry a sharding). Every other leaf
+    (step counts, scalars) gets ``default``.
+
+    Args:
+      state: the tree, e.g. ``jax.eval_shape(tx.init, adapters)``.
+      adapter_shardings: from :func:`shardings`, for the same adapters.
+      default: the sharding of other leaves; by default replicated on the adapters'
+        mesh.
+
+    Returns:
+      A tree like ``state`` holding a sharding at every leaf, for ``out_shardings``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, optax, jlora
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+      >>> params = {"w": jnp.zeros((8, 4))}
+      >>> adapters = jlora.init(jlora.LoraSpec(rank=2, targets="w"), params,
+      ...                       jax.random.key(0))
+      >>> placed = shardings(adapters, {"w": NamedSharding(mesh, P("fsdp", None))})
+      >>> tx = optax.adam(1e-3)
+      >>> tree = state_shardings(jax.eval_shape(tx.init, adapters), placed)
+      >>> tree[0].mu["w"].lora_a.spec == P("fsdp", None), tree[0].count.spec == P()
+      (True, True)
+    """
+    factors = {}
+    for key_path, sharding in jax.tree_util.tree_flatten_with_path(adapter_shardings)[0]:
+        factors[tuple(_key_text(k) for k in key_path)] = sharding
+    if default is None:
+        meshes = [s.mesh for s in factors.values() if isinstance(s, NamedSharding)]
+        if not meshes:
+            raise ValueError(
+                "state_shardings: expected NamedShardings in adapter_shardings to take "
+                "the mesh from; pass default= for the other leaves"
+            )
+        default = NamedSharding(meshes[0], PartitionSpec())
+
+    def one(key_path, leaf):
+        keys = tuple(_key_text(k) for k in key_path)
+        for start in range(len(keys)):
+            sharding = factors.get(keys[start:])
+            if sharding is not None:
+                return sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _key_text(key: Any) -> str:
+    return path_str((key,))
 
 
 def _abstract(leaf: Any) -> Any:

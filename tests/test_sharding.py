@@ -23,7 +23,13 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora._paths import leaves_with_paths, path_str
-from jlora.sharding import factor_specs, init_sharded, partition_specs, shardings
+from jlora.sharding import (
+    factor_specs,
+    init_sharded,
+    partition_specs,
+    shardings,
+    state_shardings,
+)
 from tests.models import Decoder
 
 MESHES = {
@@ -82,7 +88,11 @@ def setup():
         adapters,
         is_leaf=jlora.is_adapter,
     )
-    tx = jlora.optimizer(optax.adam(1e-2), adapters)
+    # SGD with momentum: its state mirrors the adapters (placed by state_shardings), and
+    # after one step the momentum is the gradient itself, compared below. (Adam's first
+    # step, about lr·sign(g), would turn round-off in near-zero gradients into
+    # lr-sized differences.)
+    tx = jlora.optimizer(optax.sgd(0.5, momentum=0.9), adapters)
     return model, spec, params, adapters, tokens, tx
 
 
@@ -137,11 +147,8 @@ def plain_step(apply):
 def reference():
     """One optimizer step on a single device."""
     model, _, params, adapters, tokens, tx = setup()
-    with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int and float
-        loss, new_adapters, _ = jax.jit(lora_step(model.apply, tx))(
-            params, adapters, tx.init(adapters), tokens
-        )
-    return loss, new_adapters
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
+        return jax.jit(lora_step(model.apply, tx))(params, adapters, tx.init(adapters), tokens)
 
 
 @functools.cache
@@ -160,9 +167,10 @@ def sharded_run(mesh_name: str):
         lora_step(batch_sharded(model, mesh), tx), out_shardings=(replicated, a_shard, None)
     )
     with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.jit(tx.init)(s_adapters)
+        opt_shardings = state_shardings(jax.eval_shape(tx.init, adapters), a_shard)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(s_adapters)
         compiled = step.lower(s_params, s_adapters, opt_state, s_tokens).compile()
-    loss, new_adapters, _ = compiled(s_params, s_adapters, opt_state, s_tokens)
+    loss, new_adapters, new_opt_state = compiled(s_params, s_adapters, opt_state, s_tokens)
     return dict(
         mesh=mesh,
         param_shardings=p_shard,
@@ -172,6 +180,8 @@ def sharded_run(mesh_name: str):
         compiled=compiled,
         loss=loss,
         adapters=new_adapters,
+        opt_state=new_opt_state,
+        opt_shardings=opt_shardings,
     )
 
 
@@ -277,12 +287,36 @@ def test_init_sharded_places_each_factor_on_its_shards(abstract):
     assert query_a.addressable_shards[0].data.shape == (2, 32 // 2, 4)
 
 
+def test_optimizer_state_follows_the_factors():
+    _, _, params, adapters, _, _ = setup()
+    mesh = make_mesh("fsdp4_tp2")
+    placed = shardings(adapters, param_shardings(params, mesh))
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        jlora.optimizer(optax.adam(1e-3), adapters, lora_plus_ratio=4.0),
+    )
+    tree = state_shardings(jax.eval_shape(tx.init, adapters), placed)
+    factors = {path: s for path, s in leaves_with_paths(placed)}
+    moments = 0
+    for path, sharding in leaves_with_paths(tree):
+        owner = [p for p in factors if path.endswith("/" + p)]
+        if owner:
+            assert sharding == factors[owner[0]], path
+            moments += 1
+        else:
+            assert sharding.spec == P() and sharding.mesh is mesh, path
+    assert moments == 2 * len(factors)  # Adam's mu and nu for every factor
+    with jax.numpy_dtype_promotion("standard"):
+        state = jax.jit(tx.init, out_shardings=tree)(jax.device_put(adapters, placed))
+    assert [x.sharding for x in jax.tree_util.tree_leaves(state)] == jax.tree_util.tree_leaves(tree)
+
+
 # -- one training step on a mesh equals the single-device step -----------------------
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_step_equals_single_device(mesh_name):
-    ref_loss, ref_adapters = reference()
+    ref_loss, ref_adapters, ref_opt_state = reference()
     run = sharded_run(mesh_name)
     np.testing.assert_allclose(float(run["loss"]), float(ref_loss), rtol=1e-5)
     got = leaves_with_paths(run["adapters"])
@@ -294,6 +328,19 @@ def test_sharded_step_equals_single_device(mesh_name):
         np.testing.assert_allclose(
             np.asarray(leaf), np.asarray(want[path]), rtol=1e-5, atol=1e-7, err_msg=path
         )
+    # The momentum after one step is the gradient: equal too, and split like the factor.
+    momentum = leaves_with_paths(run["opt_state"])
+    ref_momentum = dict(leaves_with_paths(ref_opt_state))
+    opt_placements = dict(leaves_with_paths(run["opt_shardings"]))
+    assert len(momentum) == len(got)
+    for path, leaf in momentum:
+        assert leaf.sharding.is_equivalent_to(opt_placements[path], leaf.ndim), path
+        expected = np.asarray(ref_momentum[path])
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(
+            np.asarray(leaf), expected, rtol=1e-5, atol=1e-6 * scale, err_msg=path
+        )
+        assert np.abs(expected).max() > 0, path  # every factor has a gradient
 
 
 def test_merge_keeps_shardings():
