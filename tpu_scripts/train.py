@@ -47,7 +47,7 @@ import sizes
 
 import jlora
 from jlora import checkpoint as adapter_checkpoint
-from jlora.sharding import init_sharded, shardings
+from jlora.sharding import init_sharded, shardings, state_shardings
 
 # bf16 peak matmul TFLOP/s per chip, by jax's device_kind (public Cloud TPU figures).
 PEAK_TFLOPS = {
@@ -395,8 +395,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optax.clip_by_global_norm(1.0),  # over all adapters at once
         jlora.optimizer(optax.adamw(schedule, weight_decay=0.0), adapters),
     )
-    state = jax.jit(lambda a: {"adapters": a, "opt_state": tx.init(a)})(adapters)
-    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    state_placement = {
+        "adapters": adapter_shardings,
+        "opt_state": state_shardings(jax.eval_shape(tx.init, adapters), adapter_shardings),
+    }
+    state = jax.jit(
+        lambda a: {"adapters": a, "opt_state": tx.init(a)}, out_shardings=state_placement
+    )(adapters)
     adapter_params = sum(x.size for x in jax.tree_util.tree_leaves(adapters))
     log(jlora.summary(params, adapters))
     log(
@@ -438,8 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_step, eval_step = make_steps(model, tx, dropout=args.lora_dropout > 0)
     train_step = jax.jit(
         train_step,
-        in_shardings=(state_shardings, param_shardings, batch_sharding, None),
-        out_shardings=(state_shardings, None, None),
+        in_shardings=(state_placement, param_shardings, batch_sharding, None),
+        out_shardings=(state_placement, None, None),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
