@@ -15,6 +15,11 @@ A weight ``W`` with stack, input and output axes is partitioned by a
 * B's flattened output axis: likewise, from the output axes;
 * the rank axis: replicated.
 
+With ``full=True`` each factor is also split over the mesh axes its weight uses on
+the *other* feature group, where they divide it: under pure FSDP (weights split on
+one feature axis only) B of an input-split weight would otherwise be replicated on
+every device, and so would its optimizer state.
+
 So a factor is never gathered to one device: it is split over the same mesh axes
 as the weight it belongs to, and the low-rank matmuls ``x·A`` and ``(x·A)·B``
 partition like the base matmul ``x·W`` around them. Entries that are
@@ -30,7 +35,8 @@ base weight that the model's own step does not.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -60,12 +66,20 @@ def _entry(names: tuple[str, ...]) -> Any:
     return names[0] if len(names) == 1 else names
 
 
-def factor_specs(layout: Layout, spec: PartitionSpec) -> tuple[PartitionSpec, PartitionSpec]:
+def factor_specs(
+    layout: Layout, spec: PartitionSpec, *, mesh_shape: Mapping[str, int] | None = None
+) -> tuple[PartitionSpec, PartitionSpec]:
     """The ``PartitionSpec`` s of ``(lora_a, lora_b)`` for a weight partitioned by ``spec``.
 
     Args:
       layout: the adapter's layout (which weight axes are stack, input, output axes).
       spec: the weight's partitioning; shorter specs are padded with ``None``.
+      mesh_shape: ``{mesh axis: size}`` (``mesh.shape``) to split the factors fully:
+        the mesh axes the weight uses on its *other* feature group (the output axes
+        for A, the input axes for B) then also split the factor's feature axis,
+        after its own, wherever they divide it. Under pure FSDP this keeps the
+        factors and their optimizer state from being replicated where the weight is
+        not (ZeRO-style); XLA gathers a small factor where a matmul needs it.
 
     Returns:
       ``(spec_a, spec_b)``: A keeps the stack axes' and the input axes' mesh axes,
@@ -80,6 +94,10 @@ def factor_specs(layout: Layout, spec: PartitionSpec) -> tuple[PartitionSpec, Pa
       >>> spec_a, spec_b = factor_specs(layout, P(None, "tensor", None, "fsdp"))
       >>> spec_a == P(None, "tensor", None), spec_b == P(None, None, "fsdp")
       (True, True)
+      >>> spec_a, spec_b = factor_specs(layout, P(None, None, None, "fsdp"),
+      ...                               mesh_shape={"fsdp": 4})
+      >>> spec_a == P(None, "fsdp", None), spec_b == P(None, None, "fsdp")
+      (True, True)
     """
     ndim = len(layout.weight_shape)
     entries = tuple(spec)
@@ -91,13 +109,22 @@ def factor_specs(layout: Layout, spec: PartitionSpec) -> tuple[PartitionSpec, Pa
     entries = entries + (None,) * (ndim - len(entries))
     stack = [entries[i] for i in layout.stack_axes]
 
-    def flat(axes: tuple[int, ...]) -> Any:
-        return _entry(tuple(name for i in axes for name in _mesh_axes(entries[i])))
+    def names(axes: tuple[int, ...]) -> tuple[str, ...]:
+        return tuple(name for i in axes for name in _mesh_axes(entries[i]))
 
-    return (
-        PartitionSpec(*stack, flat(layout.in_axes), None),
-        PartitionSpec(*stack, None, flat(layout.out_axes)),
-    )
+    def flat(own: tuple[int, ...], other: tuple[int, ...], size: int) -> Any:
+        kept = names(own)
+        if mesh_shape is None:
+            return _entry(kept)
+        ways = math.prod(mesh_shape[name] for name in kept)
+        for name in names(other):
+            if size % (ways * mesh_shape[name]) == 0:
+                kept, ways = (*kept, name), ways * mesh_shape[name]
+        return _entry(kept)
+
+    in_entry = flat(layout.in_axes, layout.out_axes, layout.in_features)
+    out_entry = flat(layout.out_axes, layout.in_axes, layout.out_features)
+    return PartitionSpec(*stack, in_entry, None), PartitionSpec(*stack, None, out_entry)
 
 
 def _by_path(tree: Any, is_leaf: Callable[[Any], bool], what: str) -> dict[str, Any]:
@@ -125,7 +152,9 @@ def _map_nodes(adapters: Adapters, table: dict[str, Any], make: Callable, what: 
     return jax.tree_util.tree_map_with_path(one, adapters, is_leaf=is_adapter)
 
 
-def partition_specs(adapters: Adapters, param_specs: Any) -> Adapters:
+def partition_specs(
+    adapters: Adapters, param_specs: Any, *, mesh_shape: Mapping[str, int] | None = None
+) -> Adapters:
     """``PartitionSpec`` s for every factor, from a tree of the params' specs.
 
     Use this with ``jax.sharding.NamedSharding(mesh, spec)``, ``shard_map`` or a
@@ -135,6 +164,7 @@ def partition_specs(adapters: Adapters, param_specs: Any) -> Adapters:
       adapters: the adapters tree (arrays or ``jax.ShapeDtypeStruct`` s).
       param_specs: a tree with the params' structure whose leaves are
         ``PartitionSpec`` s (``None`` for a replicated leaf).
+      mesh_shape: ``mesh.shape``, to split the factors fully (see :func:`factor_specs`).
 
     Returns:
       A tree like ``adapters`` whose adapter nodes hold ``(spec_a, spec_b)`` in place
@@ -155,7 +185,8 @@ def partition_specs(adapters: Adapters, param_specs: Any) -> Adapters:
     )
 
     def make(path, layout, spec):
-        return factor_specs(layout, PartitionSpec() if spec is None else spec)
+        spec = PartitionSpec() if spec is None else spec
+        return factor_specs(layout, spec, mesh_shape=mesh_shape)
 
     return _map_nodes(adapters, table, make, "param_specs")
 
@@ -166,7 +197,7 @@ def _sharding_of(leaf: Any) -> Sharding | None:
     return getattr(leaf, "sharding", None)
 
 
-def shardings(adapters: Adapters, param_shardings: Any) -> Adapters:
+def shardings(adapters: Adapters, param_shardings: Any, *, full: bool = False) -> Adapters:
     """A ``NamedSharding`` for every factor, derived from its base weight's sharding.
 
     Args:
@@ -175,6 +206,9 @@ def shardings(adapters: Adapters, param_shardings: Any) -> Adapters:
       param_shardings: a tree with the params' structure whose leaves are
         ``jax.sharding.Sharding`` s, or the (sharded) params themselves: arrays or
         ``jax.ShapeDtypeStruct`` s with a ``sharding``.
+      full: also split each factor over the mesh axes its weight uses on the other
+        feature group, where they divide it (see :func:`factor_specs`): nothing of
+        the adapters is replicated where its weight is not.
 
     Returns:
       A tree like ``adapters`` whose adapter nodes hold a ``NamedSharding`` on the
@@ -216,7 +250,8 @@ def shardings(adapters: Adapters, param_shardings: Any) -> Adapters:
                 f"{type(sharding).__name__} {sharding}. Build the params' shardings "
                 "with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
             )
-        spec_a, spec_b = factor_specs(layout, sharding.spec)
+        mesh_shape = dict(sharding.mesh.shape) if full else None
+        spec_a, spec_b = factor_specs(layout, sharding.spec, mesh_shape=mesh_shape)
         kind = sharding.memory_kind
         return (
             NamedSharding(sharding.mesh, spec_a, memory_kind=kind),
@@ -296,6 +331,7 @@ def init_sharded(
     key: Array,
     *,
     param_shardings: Any = None,
+    full: bool = False,
     fn: Callable | None = None,
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
@@ -315,6 +351,7 @@ def init_sharded(
       key: a PRNG key for A.
       param_shardings: the params' shardings (a tree of ``Sharding`` s); by default
         each leaf's own ``.sharding``.
+      full: split the factors fully, as in :func:`shardings`.
       fn, args, kwargs, dtype: as in :func:`jlora.init` (example args may be
         abstract).
 
@@ -339,7 +376,9 @@ def init_sharded(
     def make(params_in: Params, key_in: Array) -> Adapters:
         return init(spec, params_in, key_in, fn=fn, args=args, kwargs=kwargs, dtype=dtype)
 
-    out_shardings = shardings(jax.eval_shape(make, abstract_params, key), param_shardings)
+    out_shardings = shardings(
+        jax.eval_shape(make, abstract_params, key), param_shardings, full=full
+    )
     if any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(params)):
         # Concrete params enter as arguments (for trainable copies); unused ones are
         # dropped by XLA, and none is gathered or copied.

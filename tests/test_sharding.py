@@ -37,6 +37,7 @@ MESHES = {
     "fsdp4_tp2": ((4, 2), ("fsdp", "tensor")),
     "fsdp2_tp4": ((2, 4), ("fsdp", "tensor")),
 }
+FULL = {"fsdp8"}  # meshes whose adapters are split with shardings(..., full=True)
 TARGETS = ["query", "key", "value", "out", "up", "down", "embed"]
 BATCH, LENGTH = 8, 16
 
@@ -77,7 +78,9 @@ def setup():
     model = Decoder()
     tokens = jax.random.randint(jax.random.key(1), (BATCH, LENGTH), 0, model.vocab)
     params = jax.jit(model.init)(jax.random.key(0), tokens)
-    spec = jlora.LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
+    # Rank 3: no factor (or factor shard) has the shape of a weight shard, which keeps
+    # the HLO check below from mistaking a factor gather for a weight gather.
+    spec = jlora.LoraSpec(rank=3, alpha=6.0, targets=TARGETS)
     adapters = jlora.init(spec, params, jax.random.key(2), fn=model.apply, args=(tokens,))
     # A non-zero B, so that one step moves both factors.
     keys = iter(jax.random.split(jax.random.key(3), 64))
@@ -157,7 +160,7 @@ def sharded_run(mesh_name: str):
     model, _, params, adapters, tokens, tx = setup()
     mesh = make_mesh(mesh_name)
     p_shard = param_shardings(params, mesh)
-    a_shard = shardings(adapters, p_shard)
+    a_shard = shardings(adapters, p_shard, full=mesh_name in FULL)
     batch = NamedSharding(mesh, P("fsdp", None))
     replicated = NamedSharding(mesh, P())
     s_params = jax.device_put(params, p_shard)
@@ -203,6 +206,16 @@ def test_factor_specs_follow_the_weight_axes():
         P(("tensor", "fsdp", "data"), None),
         P(None, None),
     )
+    # full: the mesh axes of the other group split the factor too, where they divide it.
+    query = jlora.Layout((2, 32, 4, 8), stack_axes=(0,), in_axes=(1,), out_axes=(2, 3))
+    assert factor_specs(query, P(None, "fsdp"), mesh_shape={"fsdp": 8}) == (
+        P(None, "fsdp", None),
+        P(None, None, "fsdp"),
+    )
+    assert factor_specs(query, P(None, ("fsdp", "data")), mesh_shape={"fsdp": 8, "data": 8}) == (
+        P(None, ("fsdp", "data"), None),
+        P(None, None, "fsdp"),  # 32 outputs split 8 ways, not 64
+    )
     # Short specs are padded; unsharded weights give unsharded factors.
     assert factor_specs(multi, P()) == (P(None, None), P(None, None))
     with pytest.raises(ValueError, match=r"at most 3 entries .* shape \[4, 8, 16\]"):
@@ -222,6 +235,12 @@ def test_decoder_factor_shardings():
     embed = tree["params"]["embed"]["embedding"]  # a lookup table: vocab is the input
     assert (embed.lora_a.spec, embed.lora_b.spec) == (P("tensor", None), P(None, "fsdp"))
     assert all(s.mesh is mesh for s in jax.tree_util.tree_leaves(tree))
+    # Pure FSDP: B of an input-split weight follows its (unsplit) outputs, unless full.
+    fsdp = param_shardings(params, make_mesh("fsdp8"))
+    query_b = shardings(adapters, fsdp)["params"]["layers"]["query"]["kernel"].lora_b
+    assert query_b.is_fully_replicated
+    full = shardings(adapters, fsdp, full=True)
+    assert not any(s.is_fully_replicated for s in jax.tree_util.tree_leaves(full))
     # The same from specs alone, and from the sharded params themselves.
     specs = partition_specs(
         adapters, jax.tree_util.tree_map(lambda s: s.spec, param_shardings(params, mesh))
@@ -284,7 +303,7 @@ def test_init_sharded_places_each_factor_on_its_shards(abstract):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, err_msg=path)
     # A is split over the mesh, never whole on one device.
     query_a = adapters["params"]["layers"]["query"]["kernel"].lora_a
-    assert query_a.addressable_shards[0].data.shape == (2, 32 // 2, 4)
+    assert query_a.addressable_shards[0].data.shape == (2, 32 // 2, 3)
 
 
 def test_optimizer_state_follows_the_factors():
