@@ -91,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--alpha", type=float, default=32.0)
     lora.add_argument("--targets", default="q,k,v,o,gate,up,down")
     lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--adapter-sharding",
+        default="full",
+        choices=["full", "follow"],
+        help="follow: each factor keeps its weight's partitioning of the axes it shares "
+        "with it; full: also split over the weight's other mesh axes (nothing replicated)",
+    )
     mesh = parser.add_argument_group("mesh (product = device count; -1 fills the rest)")
     mesh.add_argument("--data", type=int, default=1)
     mesh.add_argument("--fsdp", type=int, default=-1)
@@ -385,9 +392,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         param_shardings,
     )
     adapters = init_sharded(
-        spec, sharded_abstract, jax.random.key(args.seed + 1), fn=model.apply, args=(tokens_spec,)
+        spec,
+        sharded_abstract,
+        jax.random.key(args.seed + 1),
+        full=args.adapter_sharding == "full",
+        fn=model.apply,
+        args=(tokens_spec,),
     )
-    adapter_shardings = shardings(adapters, param_shardings)
+    adapter_shardings = shardings(adapters, param_shardings, full=args.adapter_sharding == "full")
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, max(args.warmup, 1), max(args.steps, args.warmup + 1)
     )
