@@ -153,7 +153,11 @@ def reset_peak_rss() -> bool:
 
 
 def rss_bytes() -> dict[str, float]:
-    """Current RSS, peak RSS since the last reset, and ``getrusage`` max RSS, in bytes."""
+    """Current RSS, peak RSS since the last reset (``VmHWM``), ``getrusage`` max RSS.
+
+    ``getrusage``'s figure survives ``fork`` and ``exec``: in a child process it is at
+    least the parent's peak at the fork. ``VmHWM`` belongs to this process alone.
+    """
     current = _proc_status_kb("VmRSS")
     peak = _proc_status_kb("VmHWM")
     return {
