@@ -1,0 +1,81 @@
+"""Prototype (issue 6): low-rank products ordered for skinny-matmul speed.
+
+Not used by the engine yet. Two pieces, each equal in values and gradients to the
+engine's present ``x·W + (s·(x·A))·B``:
+
+* :func:`lowrank`: ``(s·(x·A))·B`` with a custom VJP that computes the A-gradient as
+  ``(gT·x)ᵀ`` (an ``r x in`` product, wide output) instead of ``xᵀ·gT`` (an ``in x r``
+  product, an 8-column output that CPU GEMM kernels run slowly), and the scale on the
+  ``(N, r)`` intermediates only.
+* :func:`lowrank_shared`: several adapters whose weights share one input (q, k, v;
+  gate, up): one ``x·[A1|A2|A3]`` product, so the input is read once forward and the
+  input gradient and the A-gradients are one product each backward (``N x 3r`` instead
+  of three ``N x r``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jlora._types import Array
+
+
+def _flat(x: Array) -> Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lowrank(x_NxI: Array, a_IxR: Array, b_RxO: Array, scale: float) -> Array:
+    """``(scale·(x·A))·B`` for ``x`` of shape ``(..., in)``; result ``(..., out)``."""
+    t_NxR = (x_NxI @ a_IxR) * jnp.asarray(scale, x_NxI.dtype)
+    return t_NxR @ b_RxO
+
+
+def _lowrank_fwd(x, a, b, scale):
+    t = (x @ a) * jnp.asarray(scale, x.dtype)
+    return t @ b, (x, a, b, t)
+
+
+def _dot(lhs: Array, rhs: Array, lhs_contract: int, rhs_contract: int) -> Array:
+    return jax.lax.dot_general(lhs, rhs, (((lhs_contract,), (rhs_contract,)), ((), ())))
+
+
+def _lowrank_bwd(scale, residuals, g):
+    x, a, b, t = residuals
+    batch_shape = x.shape[:-1]
+    x_NxI, t_NxR, g_NxO = _flat(x), _flat(t), _flat(g)
+    # Every product below contracts the last axis of its lhs and the first or last
+    # axis of its rhs: the forms XLA:CPU hands to its fast GEMM (YNNPACK) fusions. The
+    # textbook ``xᵀ·gT`` and ``tᵀ·g`` contract axis 0 of both operands and fall back
+    # to a slow generic dot. The small (N, r) operands are transposed instead, behind
+    # an optimization barrier so that XLA does not fold the transpose back into the dot.
+    gtT_RxN = _dot(b, g_NxO, 1, 1) * jnp.asarray(scale, g.dtype)
+    gtT_RxN, tT_RxN = jax.lax.optimization_barrier((gtT_RxN, t_NxR.T))
+    grad_a = jax.lax.optimization_barrier(_dot(gtT_RxN, x_NxI, 1, 0)).T
+    grad_b = _dot(tT_RxN, g_NxO, 1, 0)
+    gt_NxR = jax.lax.optimization_barrier(gtT_RxN.T)
+    grad_x = _dot(gt_NxR, a, 1, 1).reshape(*batch_shape, a.shape[0])
+    return grad_x, grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
+
+
+def lowrank_shared(
+    x_NxI: Array, a_list: Sequence[Array], b_list: Sequence[Array], scales: Sequence[float]
+) -> list[Array]:
+    """``[(s_k·(x·A_k))·B_k for each k]`` with one ``x·[A_1|...|A_k]`` product."""
+    ranks = [a.shape[-1] for a in a_list]
+    a_IxK = jnp.concatenate(a_list, axis=-1)
+    t_NxK = x_NxI @ a_IxK
+    outs = []
+    start = 0
+    for rank, b_RxO, scale in zip(ranks, b_list, scales):
+        t_NxR = t_NxK[..., start : start + rank] * jnp.asarray(scale, t_NxK.dtype)
+        outs.append(t_NxR @ b_RxO)
+        start += rank
+    return outs
