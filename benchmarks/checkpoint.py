@@ -74,7 +74,11 @@ def main(argv=None) -> dict:
     params = model.init(jax.random.key(1), inputs)
     spec = jlora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank, targets=list(TARGETS))
     adapters = jlora.init(spec, params, jax.random.key(2), fn=model.apply, args=(inputs,))
-    adapters = jax.tree.map(lambda x: x + 1e-3, adapters)
+    # Trained-looking factors (B = 0 at init would compress to nothing on disk).
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    leaves = [x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    adapters = jax.tree.unflatten(treedef, leaves)
     abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
     tensor_bytes = {
         "adapters": sum(x.nbytes for x in jax.tree.leaves(adapters)),
