@@ -675,13 +675,14 @@ def run(
     *,
     key: Array | None = None,
     counts: dict | None = None,
+    cache: dict | None = None,
 ) -> Any:
     """``fn(merge(params, adapters), *args, **kwargs)``, computed in factored form."""
     nodes = match(params, adapters)
     copies = {p: n for p, n in nodes.items() if not isinstance(n, LoraAdapter)}
     if copies:
         params = _replace_leaves(params, copies)
-    traced = trace(fn, params, args, kwargs)
+    traced = trace(fn, params, args, kwargs, cache)
     ctx = _Context(counts, key)
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,6 +71,13 @@ def init(
             raise ValueError(
                 f"LoraSpec.targets={spec.targets!r} matches {unused[:8]}, but fn uses none "
                 "of them as a matmul, convolution or lookup weight"
+            )
+        if unused:
+            warnings.warn(
+                f"jlora.init: {len(unused)} leaves match LoraSpec.targets but fn never "
+                f"uses them as a matmul, convolution or lookup weight, so they get no "
+                f"adapter: {unused[:8]}{' ...' if len(unused) > 8 else ''}",
+                stacklevel=2,
             )
     keys = jax.random.split(key, len(targets))
     nodes: dict[Path, Any] = {}

@@ -20,6 +20,8 @@ def lora(fn: Callable) -> Callable:
     gradient. ``fn`` itself is not modified; any JAX function works (a Flax
     ``model.apply``, an NNX ``graphdef`` call, an Equinox model, a Hugging Face Flax
     model with ``params=``). Non-array arguments (flags, strings) are treated as static.
+    ``fn`` is traced once per input signature (structure, shapes, dtypes, static
+    arguments), as ``jax.jit`` traces, so it must be a pure function.
 
     Args:
       fn: the model function; its first argument is the params tree.
@@ -37,11 +39,13 @@ def lora(fn: Callable) -> Callable:
       Array([[3., 3.]], dtype=float32)
     """
 
+    traces: dict = {}  # jaxprs of fn by input signature, reused as jax.jit reuses traces
+
     @functools.wraps(fn)
     def fn_lora(
         params: Params, adapters: Adapters, *args: Any, lora_key: Array | None = None, **kwargs: Any
     ) -> Any:
-        return run(fn, params, adapters, args, kwargs, key=lora_key)
+        return run(fn, params, adapters, args, kwargs, key=lora_key, cache=traces)
 
     return fn_lora
 

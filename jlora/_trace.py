@@ -31,8 +31,33 @@ class Traced:
     out_tree: Any
 
 
-def trace(fn: Callable, params: Any, args: tuple, kwargs: dict) -> Traced:
-    """Trace ``fn(params, *args, **kwargs)``; non-array leaves are closed over."""
+def _signature(trees: tuple, masks: tuple, static: tuple, dynamic: list) -> Any:
+    """A hashable key of everything a trace depends on, or None if there is none."""
+    try:
+        avals = tuple(jax.typeof(x) for x in dynamic)
+        key = (
+            trees,
+            masks,
+            static,
+            avals,
+            jax.config.jax_enable_x64,
+            jax.config.jax_default_matmul_precision,
+            jax.config.jax_numpy_dtype_promotion,
+        )
+        hash(key)
+    except TypeError:  # an unhashable static leaf, or an abstract input: trace afresh
+        return None
+    return key
+
+
+def trace(
+    fn: Callable, params: Any, args: tuple, kwargs: dict, cache: dict | None = None
+) -> Traced:
+    """Trace ``fn(params, *args, **kwargs)``; non-array leaves are closed over.
+
+    With ``cache``, a trace is reused for inputs of the same structure, avals and static
+    leaves (as ``jax.jit`` reuses its traces: ``fn`` must be pure).
+    """
     param_flat, param_tree = jax.tree_util.tree_flatten_with_path(params)
     param_mask = [is_dynamic(leaf) for _, leaf in param_flat]
     param_static = [leaf for _, leaf in param_flat]
@@ -42,6 +67,21 @@ def trace(fn: Callable, params: Any, args: tuple, kwargs: dict) -> Traced:
     arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
     arg_mask = [is_dynamic(leaf) for leaf in arg_leaves]
     arg_dynamic = [leaf for leaf, dyn in zip(arg_leaves, arg_mask) if dyn]
+
+    key = None
+    if cache is not None:
+        static = tuple(leaf for (_, leaf), dyn in zip(param_flat, param_mask) if not dyn) + tuple(
+            leaf for leaf, dyn in zip(arg_leaves, arg_mask) if not dyn
+        )
+        key = _signature(
+            (param_tree, arg_tree),
+            (tuple(param_mask), tuple(arg_mask)),
+            static,
+            param_dynamic + arg_dynamic,
+        )
+        hit = cache.get(key) if key is not None else None
+        if hit is not None:
+            return dataclasses.replace(hit, param_leaves=param_dynamic, arg_leaves=arg_dynamic)
 
     def fill(static, mask, dynamic):
         it = iter(dynamic)
@@ -59,4 +99,9 @@ def trace(fn: Callable, params: Any, args: tuple, kwargs: dict) -> Traced:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_dynamic, arg_dynamic)
     out_tree = jax.tree_util.tree_structure(out_shape)
     avals = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in param_dynamic]
-    return Traced(closed, param_paths, avals, param_dynamic, arg_dynamic, out_tree)
+    traced = Traced(closed, param_paths, avals, param_dynamic, arg_dynamic, out_tree)
+    if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        if len(cache) >= 32:
+            cache.clear()
+        cache[key] = dataclasses.replace(traced, param_leaves=[], arg_leaves=[])
+    return traced
