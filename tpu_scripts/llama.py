@@ -270,7 +270,9 @@ class Llama(nn.Module):
 # -- sharding rules --------------------------------------------------------------------
 
 RULES = {
-    "embed/embedding": P("tensor", "fsdp"),
+    # Rows over every model axis: a lookup from a table split on d would have to move
+    # the looked-up rows from d-split to batch-split, which XLA does by replicating.
+    "embed/embedding": P(("tensor", "fsdp"), None),
     "layers/q/kernel": P(None, "fsdp", "tensor", None),
     "layers/k/kernel": P(None, "fsdp", "tensor", None),
     "layers/v/kernel": P(None, "fsdp", "tensor", None),
@@ -291,8 +293,14 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh_shape: dict[str, int]
     rule = next((spec for suffix, spec in RULES.items() if path.endswith(suffix)), P())
     entries = []
     for dim, entry in zip(shape, tuple(rule) + (None,) * (len(shape) - len(rule))):
-        size = mesh_shape.get(entry, 1) if entry else 1
-        entries.append(entry if entry and size > 1 and dim % size == 0 else None)
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept, ways = [], 1
+        for name in names:
+            size = mesh_shape.get(name, 1)
+            if size > 1 and dim % (ways * size) == 0:
+                kept.append(name)
+                ways *= size
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return P(*entries)
 
 
