@@ -17,7 +17,7 @@ from jlora._optim import labels, optimizer, summary
 from jlora._spec import LoraSpec
 from jlora._types import Adapters, Params, Path
 from jlora.checkpoint import load, save
-from jlora.sharding import init_sharded, partition_specs, shardings
+from jlora.sharding import init_sharded, partition_specs, shardings, state_shardings
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "peft",
     "save",
     "shardings",
+    "state_shardings",
     "summary",
     "unmerge",
 ]
