@@ -23,6 +23,7 @@ Only public structures are used (``jax.make_jaxpr`` and ``jax.extend.core``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from jax.extend import core as jcore
 
 from jlora._adapter import LoraAdapter
 from jlora._layout import reshape_segments
+from jlora._lowrank import lowrank
 from jlora._paths import path_str
 from jlora._trace import trace
 from jlora._tree import match
@@ -150,6 +152,7 @@ class _Context:
 
     counts: dict[Path, list[int]] | None
     key: Array | None
+    fast_backward: bool = False
     uses: int = 0
 
     def count(self, path: Path, factored: bool) -> None:
@@ -262,6 +265,17 @@ def _dot_general(eqn, invals, ctx):
     base = bind(eqn, [v.w if isinstance(v, LoraValue) else v for v in invals])[0]
 
     x_low = _dropout(x, value, ctx)
+    same_dtypes = preferred in (None, x.dtype) and base.dtype == x.dtype
+    if (
+        ctx.fast_backward
+        and same_dtypes
+        and _is_plain_projection(x, value, x_contract, w_contract, w_batch, weight_is_rhs)
+    ):
+        # x's trailing axes against W's input axes, in order: the common Dense/Linear
+        # case, through the low-rank product whose VJP keeps to XLA's fast GEMM forms.
+        u = _projection(x_low, value, len(ins), precision)
+        ctx.count(value.path, factored=True)
+        return [base + u.astype(base.dtype)]
     first = first.astype(x.dtype)
     t = jax.lax.dot_general(
         x_low,
@@ -295,6 +309,30 @@ def _dot_general(eqn, invals, ctx):
         u = jnp.transpose(u, batch_axes + w_free_axes + x_free_axes)
     ctx.count(value.path, factored=True)
     return [base + u.astype(base.dtype)]
+
+
+def _is_plain_projection(x, value, x_contract, w_contract, w_batch, weight_is_rhs) -> bool:
+    """``x @ W`` contracting x's last axes with all of W's input axes in order, no batch."""
+    ins = value.axes("I")
+    n_in = len(ins)
+    return (
+        weight_is_rhs
+        and not w_batch
+        and not value.axes("S")
+        and tuple(w_contract) == tuple(ins)
+        and tuple(x_contract) == tuple(range(x.ndim - n_in, x.ndim))
+    )
+
+
+def _projection(x: Array, value: LoraValue, n_in: int, precision: Any) -> Array:
+    """``s·(x·A)·B`` by :func:`jlora._lowrank.lowrank` on 2-D factors; W's output axes last."""
+    free_shape = x.shape[: x.ndim - n_in]
+    rank = value.a.shape[-1]
+    in_features = math.prod(value.a.shape[:-1])
+    a_IxR = value.a.reshape(in_features, rank).astype(x.dtype)
+    b_RxO = value.b.reshape(rank, -1).astype(x.dtype)
+    u = lowrank(x.reshape(*free_shape, in_features), a_IxR, b_RxO, value.scale, precision)
+    return u.reshape(*free_shape, *value.b.shape[1:])
 
 
 def _conv(eqn, invals, ctx):
@@ -676,14 +714,22 @@ def run(
     key: Array | None = None,
     counts: dict | None = None,
     cache: dict | None = None,
+    fast_backward: bool | None = None,
 ) -> Any:
-    """``fn(merge(params, adapters), *args, **kwargs)``, computed in factored form."""
+    """``fn(merge(params, adapters), *args, **kwargs)``, computed in factored form.
+
+    ``fast_backward`` (default: on for the CPU backend) routes plain projections through
+    :func:`jlora._lowrank.lowrank`, whose custom VJP orders the backward products for
+    XLA's fast GEMM path; being a ``custom_vjp``, it has no forward-mode derivative.
+    """
+    if fast_backward is None:
+        fast_backward = jax.default_backend() == "cpu"
     nodes = match(params, adapters)
     copies = {p: n for p, n in nodes.items() if not isinstance(n, LoraAdapter)}
     if copies:
         params = _replace_leaves(params, copies)
     traced = trace(fn, params, args, kwargs, cache)
-    ctx = _Context(counts, key)
+    ctx = _Context(counts, key, fast_backward)
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):
         node = nodes.get(path)

@@ -770,3 +770,38 @@ def test_optimizer_on_a_callable_adapters_tree():
     updates, _ = tx.update(grads, tx.init(adapters), adapters)
     np.testing.assert_allclose(updates.weight.lora_a, -0.5 * np.ones((4, 2)))
     np.testing.assert_allclose(updates.weight.lora_b, -1.0 * np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("fast_backward", [False, True], ids=["autodiff", "fast"])
+def test_fast_backward_matches_plain_autodiff(fast_backward):
+    fn, params, adapters, x = linen_case("decoder_scan")
+    adapters = perturb(adapters, jax.random.key(3))
+
+    def loss(a, fast):
+        out = jlora.lora(fn, fast_backward=fast)(params, a, x)
+        return projection_loss(out, jax.random.key(0))
+
+    g_switch = jax.jit(jax.grad(lambda a: loss(a, fast_backward)))(adapters)
+    g_merged = jax.grad(
+        lambda a: projection_loss(fn(jlora.merge(params, a), x), jax.random.key(0))
+    )(adapters)
+    assert_trees_close(g_switch, g_merged)
+
+
+def test_forward_mode_needs_fast_backward_off():
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
+    adapters = perturb(
+        jlora.init(jlora.LoraSpec(rank=2, targets="w"), params, jax.random.key(1)),
+        jax.random.key(2),
+    )
+    x = jnp.ones((2, 4))
+
+    def f(a, fast):
+        return jlora.lora(lambda p, x: x @ p["w"], fast_backward=fast)(params, a, x)
+
+    tangent = jax.tree_util.tree_map(jnp.ones_like, adapters)
+    _, jvp_out = jax.jvp(lambda a: f(a, False), (adapters,), (tangent,))
+    _, jvp_ref = jax.jvp(lambda a: x @ jlora.merge(params, a)["w"], (adapters,), (tangent,))
+    np.testing.assert_allclose(jvp_out, jvp_ref, rtol=1e-5)
+    with pytest.raises(TypeError):
+        jax.jvp(lambda a: f(a, True), (adapters,), (tangent,))
