@@ -178,6 +178,41 @@ class _Context:
 # --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _PendingSum:
+    """A factored use's output ``base + u``, with the add of ``u`` held back one step.
+
+    When the next consumer is an ``add`` of a plain array (a bias), the sum is formed as
+    ``(base + bias) + u``, the order a hand-written LoRA layer uses.
+    """
+
+    base: Array
+    u: Array
+
+    def resolve(self) -> Array:
+        return self.base + self.u.astype(self.base.dtype)
+
+
+def _resolve(value: Any) -> Any:
+    return value.resolve() if isinstance(value, _PendingSum) else value
+
+
+def _pending_add(eqn: jcore.JaxprEqn, invals: list) -> list | None:
+    """``(base + other) + u`` for an ``add`` of one pending sum and one plain array."""
+    if eqn.primitive is not P.add_p or len(invals) != 2:
+        return None
+    pending = [isinstance(v, _PendingSum) for v in invals]
+    if pending.count(True) != 1:
+        return None
+    sum_value = invals[pending.index(True)]
+    other = invals[pending.index(False)]
+    if isinstance(other, LoraValue) or tuple(eqn.outvars[0].aval.shape) != sum_value.base.shape:
+        return None
+    ordered = [sum_value.base if p else v for v, p in zip(invals, pending)]
+    partial = bind(eqn, ordered)[0]
+    return [partial + sum_value.u.astype(partial.dtype)]
+
+
 def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> list:
     """Evaluate ``jaxpr`` on ``args``, which may hold :class:`LoraValue` s."""
     env: dict[Any, Any] = {}
@@ -191,14 +226,19 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> lis
         env[var] = value
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, LoraValue) for v in invals):
-            outvals = _lora_eqn(eqn, invals, ctx)
-        else:
-            outvals = bind(eqn, invals)
+        outvals = None
+        if any(isinstance(v, _PendingSum) for v in invals):
+            outvals = _pending_add(eqn, invals)
+            invals = [_resolve(v) for v in invals]
+        if outvals is None:
+            if any(isinstance(v, LoraValue) for v in invals):
+                outvals = _lora_eqn(eqn, invals, ctx)
+            else:
+                outvals = bind(eqn, invals)
         for var, value in zip(eqn.outvars, outvals):
             if not isinstance(var, jcore.DropVar):
                 env[var] = value
-    return [read(v) for v in jaxpr.outvars]
+    return [_resolve(read(v)) for v in jaxpr.outvars]
 
 
 def bind_params(eqn: jcore.JaxprEqn) -> tuple[list, dict]:
@@ -275,7 +315,7 @@ def _dot_general(eqn, invals, ctx):
         # case, through the low-rank product whose VJP keeps to XLA's fast GEMM forms.
         u = _projection(x_low, value, len(ins), precision)
         ctx.count(value.path, factored=True)
-        return [base + u.astype(base.dtype)]
+        return [_PendingSum(base, u)]
     first = first.astype(x.dtype)
     t = jax.lax.dot_general(
         x_low,
@@ -308,7 +348,7 @@ def _dot_general(eqn, invals, ctx):
         w_free_axes = list(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
         u = jnp.transpose(u, batch_axes + w_free_axes + x_free_axes)
     ctx.count(value.path, factored=True)
-    return [base + u.astype(base.dtype)]
+    return [_PendingSum(base, u)]
 
 
 def _is_plain_projection(x, value, x_contract, w_contract, w_batch, weight_is_rhs) -> bool:
@@ -362,7 +402,7 @@ def _conv(eqn, invals, ctx):
     )
     u = jnp.moveaxis(u, -1, feature)
     ctx.count(kernel.path, factored=True)
-    return [base + u.astype(base.dtype)]
+    return [_PendingSum(base, u)]
 
 
 def _gather(eqn, invals, ctx):
@@ -422,7 +462,7 @@ def _gather(eqn, invals, ctx):
             batch_k += 1
     u = jnp.transpose(u, perm)
     ctx.count(value.path, factored=True)
-    return [base + u.astype(base.dtype)]
+    return [_PendingSum(base, u)]
 
 
 # -- layout-only operations ----------------------------------------------------------
