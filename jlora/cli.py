@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -214,68 +213,37 @@ def _describe_orbax(directory: str, step: int | None) -> dict[str, Any]:
     }
 
 
-_PEFT_KEY = re.compile(
-    r"base_model\.model\.(?P<module>.+)\."
-    r"(?:lora_(?P<linear>[AB])\.weight|lora_embedding_(?P<embedding>[AB]))"
-)
-
-
 def _read_peft(directory: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """A PEFT directory's config and ``{module: {"A": (r, in), "B": (out, r), "embedding"}}``.
 
-    Read with safetensors only; full base weights PEFT may save beside the factors
-    (``modules_to_save``, saved embedding layers) are left out.
+    Read by :mod:`jlora.peft`'s own readers (safetensors only, the same checks as
+    ``jlora.peft.load``); full base weights PEFT may save beside the factors (saved
+    embedding layers) are left out.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from jlora import peft
 
-    config_file = os.path.join(directory, "adapter_config.json")
-    weights_file = os.path.join(directory, "adapter_model.safetensors")
-    try:
-        with open(config_file) as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_file}: expected a PEFT LoRA config (peft_type 'LORA')")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or isinstance(config[field], bool):
-            raise ValueError(f"{config_file}: expected a number for {field!r}")
-    if not os.path.isfile(weights_file):
-        raise FileNotFoundError(f"no PEFT adapter weights: {weights_file} does not exist")
-    try:
-        tensors = load_file(weights_file)
-    except (SafetensorError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"{weights_file} is not a readable safetensors file (malformed or truncated): {error}"
-        ) from None
-    modules: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        found = _PEFT_KEY.fullmatch(key)
-        if found is None:
-            continue
-        factors = modules.setdefault(found["module"], {"embedding": False})
-        factors[found["linear"] or found["embedding"]] = value
-        factors["embedding"] |= found["embedding"] is not None
-    for module, factors in modules.items():
-        if "A" not in factors or "B" not in factors:
-            raise ValueError(f"{weights_file}: module {module!r} lacks lora_A or lora_B")
-    if not modules:
+    config = peft._read_config(directory)
+    tensors = peft._read_tensors(directory)
+    weights_file = os.path.join(directory, peft.WEIGHTS_NAME)
+    by_module, _ = peft._group(tensors, weights_file)
+    if not by_module:
         raise ValueError(f"{weights_file} holds no LoRA factors")
+    modules = {
+        module: {
+            **factors,
+            "embedding": f"base_model.model.{module}.lora_embedding_A" in tensors,
+        }
+        for module, factors in by_module.items()
+    }
     return config, modules
 
 
 def _peft_scale(config: dict[str, Any], module: str) -> tuple[int, float, float]:
     """PEFT's rank, alpha and scale for ``module`` (``rank_pattern`` / ``alpha_pattern``)."""
+    from jlora import peft
 
-    def pattern_value(pattern, default):
-        for key, value in (pattern or {}).items():  # PEFT's rule: a match at a "." boundary
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        return default
-
-    rank = int(pattern_value(config.get("rank_pattern"), config["r"]))
-    alpha = float(pattern_value(config.get("alpha_pattern"), config["lora_alpha"]))
+    rank = int(peft._peft_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(peft._peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
     denominator = math.sqrt(rank) if config.get("use_rslora") else rank
     return rank, alpha, alpha / denominator
 
