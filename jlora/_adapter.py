@@ -118,16 +118,20 @@ class LoraAdapter:
         layout = self.layout
         a = self.lora_a
         b = self.lora_b
-        dtype = jnp.dtype(
-            jnp.float64 if max(a.dtype.itemsize, b.dtype.itemsize) > 4 else jnp.float32
-        )
+        dtype = wide_float(a.dtype, b.dtype)
         product = jnp.matmul(a.astype(dtype), b.astype(dtype)) * jnp.asarray(self.scale, dtype)
         grouped = product.reshape(layout.stack_shape + layout.in_shape + layout.out_shape)
         order = layout.stack_axes + layout.in_axes + layout.out_axes
-        return jnp.transpose(grouped, _inverse_permutation(order))
+        return jnp.transpose(grouped, inverse_permutation(order))
 
 
-def _inverse_permutation(order: tuple[int, ...]) -> tuple[int, ...]:
+def wide_float(*dtypes: Any) -> Any:
+    """float64 if any of ``dtypes`` is 64-bit, else float32: where deltas and merges are summed."""
+    return jnp.dtype(jnp.float64 if any(jnp.dtype(d).itemsize > 4 for d in dtypes) else jnp.float32)
+
+
+def inverse_permutation(order: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """The permutation that undoes ``transpose(x, order)``."""
     inverse = [0] * len(order)
     for position, axis in enumerate(order):
         inverse[axis] = position

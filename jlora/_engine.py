@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jlora._adapter import LoraAdapter
+from jlora._adapter import LoraAdapter, inverse_permutation, wide_float
 from jlora._layout import reshape_segments
 from jlora._lowrank import lowrank
 from jlora._paths import path_str
@@ -98,15 +98,7 @@ def delta_of(value: LoraValue) -> Array:
     )
     product = product * jnp.asarray(value.scale, dtype)
     order = value.axes("S") + value.axes("I") + value.axes("O")
-    inverse = [0] * len(order)
-    for position, axis in enumerate(order):
-        inverse[axis] = position
-    return jnp.transpose(product, inverse)
-
-
-def wide_float(*dtypes: Any) -> Any:
-    """float64 if any of ``dtypes`` is 64-bit, else float32: where merges are summed."""
-    return jnp.dtype(jnp.float64 if any(jnp.dtype(d).itemsize > 4 for d in dtypes) else jnp.float32)
+    return jnp.transpose(product, inverse_permutation(order))
 
 
 def add_delta(weight: Array, delta: Array) -> Array:
@@ -603,13 +595,9 @@ def _remat(eqn, invals, ctx):
     return list(run(*invals))
 
 
-def _passthrough_carry(jaxpr: jcore.Jaxpr, carry_in: list, carry_out: list) -> set[int]:
+def _passthrough_carry(carry_in: list, carry_out: list) -> set[int]:
     """Carry positions whose body output is the very input (loop-invariant weights)."""
-    same = set()
-    for k, (var_in, var_out) in enumerate(zip(carry_in, carry_out)):
-        if var_in is var_out:
-            same.add(k)
-    return same
+    return {k for k, (var_in, var_out) in enumerate(zip(carry_in, carry_out)) if var_in is var_out}
 
 
 def _scan(eqn, invals, ctx):
@@ -621,7 +609,6 @@ def _scan(eqn, invals, ctx):
     xs = invals[n_consts + n_carry :]
     body_jaxpr = closed.jaxpr
     invariant = _passthrough_carry(
-        body_jaxpr,
         body_jaxpr.invars[n_consts : n_consts + n_carry],
         body_jaxpr.outvars[:n_carry],
     )
@@ -668,9 +655,7 @@ def _while(eqn, invals, ctx):
     init = invals[n_cond + n_body :]
     cond_closed, body_closed = params["cond_jaxpr"], params["body_jaxpr"]
     n_carry = len(init)
-    invariant = _passthrough_carry(
-        body_closed.jaxpr, body_closed.jaxpr.invars[n_body:], body_closed.jaxpr.outvars
-    )
+    invariant = _passthrough_carry(body_closed.jaxpr.invars[n_body:], body_closed.jaxpr.outvars)
     fixed = {
         k: init[k] for k in range(n_carry) if isinstance(init[k], LoraValue) and k in invariant
     }
