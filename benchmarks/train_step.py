@@ -12,8 +12,12 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
 ``merge``          naive merge-on-the-fly: ``model.apply(jlora.merge(params, adapters))``
 ``nnx``            the NNX model with ``nnx.LoRALinear`` targets
 ``qwix``           ``qwix.apply_lora_to_model`` on the Linen model (if qwix imports)
-``scan_*``         ``full``, ``jlora``, ``hand`` with the blocks under ``nn.scan`` +
-                   ``nn.remat``
+``dora``           ``jlora`` with DoRA adapters (``LoraSpec(dora=True)``)
+``nf4``            ``jlora`` LoRA on an NF4-quantized base (``jlora.quantize``: QLoRA)
+``nf4_dora``       DoRA adapters on the NF4 base
+``bf16_base``      ``jlora`` LoRA with the base's kernels and embeddings in bfloat16
+``scan_*``         ``full``, ``jlora``, ``hand``, ``dora``, ``nf4`` with the blocks
+                   under ``nn.scan`` + ``nn.remat``
 ``infer_*``        forward only: ``base`` weights, jlora ``unmerged``, ``merged`` weights
 =================  ====================================================================
 
@@ -56,6 +60,12 @@ ALL_VARIANTS = (
     "scan_full",
     "scan_jlora",
     "scan_hand",
+    "dora",
+    "scan_dora",
+    "nf4",
+    "scan_nf4",
+    "nf4_dora",
+    "bf16_base",
     "infer_base",
     "infer_unmerged",
     "infer_merged",
@@ -186,6 +196,27 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
 
             variants[name] = _train_variant(
                 name, loss_jlora, jax.tree.map(jnp.copy, adapters), params, tokens, tx, shapes
+            )
+        elif kind in ("dora", "nf4", "nf4_dora", "bf16_base"):
+            # The kinds: a DoRA adapter, an NF4 (QLoRA) or bfloat16 base, and both.
+            model, params, adapters, shapes = base(scan)
+            if kind.startswith("nf4"):
+                params = jlora.quantize(params, list(TARGETS), fn=model.apply, args=(inputs,))
+            elif kind == "bf16_base":
+                params = jax.tree.map(
+                    lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params
+                )
+            if kind.endswith("dora"):
+                dora_spec = dataclasses.replace(spec, dora=True)
+                adapters = jlora.init(dora_spec, params, key_lora, fn=model.apply, args=(inputs,))
+                adapters = jax.tree.map(lambda x: x + 1e-3, adapters)
+            apply_lora = jlora.lora(model.apply)
+
+            def loss_kind(adapters, params, tokens, apply_lora=apply_lora):
+                return next_token_loss(apply_lora(params, adapters, tokens[:, :-1]), tokens)
+
+            variants[name] = _train_variant(
+                name, loss_kind, jax.tree.map(jnp.copy, adapters), params, tokens, tx, shapes
             )
         elif kind == "merge":
             model, params, adapters, shapes = base(scan)
@@ -445,6 +476,13 @@ def main(argv=None) -> dict:
         ("scan_jlora", "scan_hand"),
         ("scan_jlora", "scan_full"),
         ("scan_hand", "scan_full"),
+        ("dora", "jlora"),
+        ("dora", "full"),
+        ("scan_dora", "scan_jlora"),
+        ("nf4", "jlora"),
+        ("scan_nf4", "scan_jlora"),
+        ("nf4_dora", "dora"),
+        ("bf16_base", "jlora"),
         ("infer_unmerged", "infer_merged"),
         ("infer_merged", "infer_base"),
     ]
@@ -456,6 +494,8 @@ def main(argv=None) -> dict:
                 "flops": rows[numerator]["flops"] / rows[denominator]["flops"],
                 "temp_bytes": rows[numerator]["temp_bytes"]
                 / max(rows[denominator]["temp_bytes"], 1.0),
+                "argument_bytes": rows[numerator]["argument_bytes"]
+                / max(rows[denominator]["argument_bytes"], 1.0),
             }
     for name in names:
         reference = "scan_full" if name.startswith("scan_") else "full"
@@ -483,6 +523,7 @@ def main(argv=None) -> dict:
         ("flops", "GFLOP", "G"),
         ("flops_vs_ref", "FLOP/ref", "x"),
         ("temp_bytes", "temp MB", "MB"),
+        ("argument_bytes", "arg MB", "MB"),
         ("hlo_dots", "dots", ""),
         ("compile_s", "compile s", "s"),
         ("lower_s", "trace+lower s", "s"),
@@ -502,12 +543,13 @@ def main(argv=None) -> dict:
                 ("cpu_time", "CPU time", "x"),
                 ("flops", "FLOPs", "x"),
                 ("temp_bytes", "temp bytes", "x"),
+                ("argument_bytes", "arg bytes", "x"),
             ],
         )
     )
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
-    for name in ("jlora", "scan_jlora"):
+    for name in ("jlora", "scan_jlora", "dora", "scan_dora", "nf4", "scan_nf4"):
         temps = rows.get(name, {}).get("weight_sized_temps")
         if temps is not None:
             print(f"{name}: weight-shaped temporaries in the compiled step: {temps or 'none'}")

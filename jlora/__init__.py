@@ -8,12 +8,13 @@
 """
 
 from jlora import peft
-from jlora._adapter import Layout, LoraAdapter, is_adapter
+from jlora._adapter import DoraAdapter, Layout, LoraAdapter, is_adapter
 from jlora._engine import Explanation, Uses
 from jlora._init import init
 from jlora._lora import explain, lora
 from jlora._merge import delta, merge, unmerge
 from jlora._optim import labels, optimizer, summary
+from jlora._quant import QuantizedWeight, dequantize, quantize
 from jlora._spec import LoraSpec
 from jlora._types import Adapters, Params, Path
 from jlora.checkpoint import load, save
@@ -23,14 +24,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapters",
+    "DoraAdapter",
     "Explanation",
     "Layout",
     "LoraAdapter",
     "LoraSpec",
     "Params",
     "Path",
+    "QuantizedWeight",
     "Uses",
     "delta",
+    "dequantize",
     "explain",
     "init",
     "init_sharded",
@@ -42,6 +46,7 @@ __all__ = [
     "optimizer",
     "partition_specs",
     "peft",
+    "quantize",
     "save",
     "shardings",
     "state_shardings",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,18 @@ class Layout:
     def b_shape(self, rank: int) -> tuple[int, ...]:
         return (*self.stack_shape, rank, self.out_features)
 
+    def to_grouped(self, weight: Array) -> Array:
+        """``weight`` with its axes ordered (stack, in, out), reshaped ``(*stack, in, out)``."""
+        order = self.stack_axes + self.in_axes + self.out_axes
+        moved = jnp.transpose(weight, order)
+        return moved.reshape((*self.stack_shape, self.in_features, self.out_features))
+
+    def from_grouped(self, grouped: Array) -> Array:
+        """Undo :meth:`to_grouped`: ``(*stack, in, out)`` back to the weight's shape."""
+        full = grouped.reshape(self.stack_shape + self.in_shape + self.out_shape)
+        order = self.stack_axes + self.in_axes + self.out_axes
+        return jnp.transpose(full, inverse_permutation(order))
+
     def kinds(self) -> tuple[str, ...]:
         """Per weight axis: ``"S"`` (stack), ``"I"`` (input) or ``"O"`` (output)."""
         kinds = [""] * len(self.weight_shape)
@@ -85,6 +97,15 @@ class Layout:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
         return cls(**{k: tuple(int(i) for i in v) for k, v in data.items()})
+
+
+# Per-field axis signatures. In storage form (the adapters tree) each token stands for:
+# "S" every stack axis of the weight, "I" the input features flattened to one axis, "O"
+# the output features flattened, "R" the rank. Inside the engine (grouped form) "S", "I"
+# and "O" stand for all of the weight's axes of that kind, in the weight's current
+# order. Sharding specs, checkpoint entries, scan slicing, layout rules and optimizer
+# labels all follow from these signatures, so a new kind writes none of them.
+Signature = tuple[str, ...]
 
 
 @dataclasses.dataclass
@@ -109,20 +130,223 @@ class LoraAdapter:
     layout: Layout
     dropout: float = 0.0
 
+    KIND: ClassVar[str] = "lora"
+    SIGNATURES: ClassVar[dict[str, Signature]] = {
+        "lora_a": ("S", "I", "R"),
+        "lora_b": ("S", "R", "O"),
+    }
+
     @property
     def rank(self) -> int:
         return int(self.lora_a.shape[-1])
 
+    # -- the kind protocol: arrays, their axes and shapes --------------------------------
+
+    def arrays(self) -> dict[str, Array]:
+        """The trainable arrays by field name, in ``SIGNATURES`` order."""
+        return {name: getattr(self, name) for name in self.SIGNATURES}
+
+    def with_arrays(self, **arrays: Any) -> LoraAdapter:
+        """A copy with some arrays replaced (static data kept)."""
+        return dataclasses.replace(self, **arrays)
+
+    @classmethod
+    def field_shape(cls, name: str, layout: Layout, rank: int) -> tuple[int, ...]:
+        """The storage shape of field ``name`` for a weight of ``layout`` at ``rank``."""
+        sizes = {"I": (layout.in_features,), "O": (layout.out_features,), "R": (rank,)}
+        shape: list[int] = []
+        for token in cls.SIGNATURES[name]:
+            shape.extend(layout.stack_shape if token == "S" else sizes[token])
+        return tuple(shape)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.field_shape(name, self.layout, self.rank) for name in self.SIGNATURES}
+
+    def grouped(self) -> dict[str, Array]:
+        """The arrays reshaped to grouped form: each token expanded to its weight axes."""
+        layout = self.layout
+        sizes = {
+            "S": layout.stack_shape,
+            "I": layout.in_shape,
+            "O": layout.out_shape,
+            "R": (self.rank,),
+        }
+        return {
+            name: array.reshape(tuple(d for t in self.SIGNATURES[name] for d in sizes[t]))
+            for name, array in self.arrays().items()
+        }
+
+    def flattened(self) -> LoraAdapter:
+        """From grouped form (inside the engine) back to storage form, for ``layout``."""
+        rank = self.rank
+        return self.with_arrays(
+            **{
+                name: array.reshape(self.field_shape(name, self.layout, rank))
+                for name, array in self.arrays().items()
+            }
+        )
+
+    # -- the engine's term for one use ---------------------------------------------------
+
+    def input_scale(self, use: Any, weight: Any) -> Array | None:
+        """A factor the activation is multiplied by before both products (None: none)."""
+        return None
+
+    def term(self, use: Any, x: Array, base: Array, weight: Any) -> Array | None:
+        """What this adapter adds to ``base``, the weight's own product, at ``use``.
+
+        ``self`` is in grouped form; ``x`` is the activation after LoRA dropout. LoRA
+        adds ``s·(x·A)·B``.
+        """
+        return use.lowrank(x, self.lora_a, self.lora_b, self.scale)
+
+    # -- dense forms, merge and unmerge ------------------------------------------------
+
     def delta(self) -> Array:
         """``scale * A @ B`` in the weight's shape and axis order (float32 or wider)."""
-        layout = self.layout
         a = self.lora_a
         b = self.lora_b
         dtype = wide_float(a.dtype, b.dtype)
         product = jnp.matmul(a.astype(dtype), b.astype(dtype)) * jnp.asarray(self.scale, dtype)
-        grouped = product.reshape(layout.stack_shape + layout.in_shape + layout.out_shape)
-        order = layout.stack_axes + layout.in_axes + layout.out_axes
-        return jnp.transpose(grouped, inverse_permutation(order))
+        return self.layout.from_grouped(product)
+
+    def merge_into(self, weight: Array) -> Array:
+        """The merged weight ``W + delta`` in float32 (or wider), cast back to W's dtype."""
+        return add_delta(weight, self.delta())
+
+    def unmerge_from(self, merged: Array) -> Array:
+        """The base weight back from ``merge_into``'s result."""
+        return add_delta(merged, -self.delta())
+
+
+@dataclasses.dataclass
+class DoraAdapter(LoraAdapter):
+    """A DoRA adapter: LoRA factors plus a trainable magnitude per output feature.
+
+    The adapted weight is ``(m / n) ⊙ (W + s·A·B)`` with ``n = ‖W + s·A·B‖`` taken over
+    the input axes (one value per stack index and output feature) and detached from the
+    gradient, as PEFT's DoRA does. ``m`` starts at ``‖W‖``, so fresh adapters (B = 0)
+    give the base output.
+
+    Attributes:
+      magnitude: ``m``, ``(*stack, out_features)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> spec = jlora.LoraSpec(rank=1, targets="w", dora=True)
+      >>> adapters = jlora.init(spec, {"w": jnp.ones((3, 2))}, jax.random.key(0))
+      >>> adapters["w"].magnitude  # the column norms of W
+      Array([1.7320508, 1.7320508], dtype=float32)
+    """
+
+    magnitude: Array | None = None
+
+    KIND: ClassVar[str] = "dora"
+    SIGNATURES: ClassVar[dict[str, Signature]] = {
+        "lora_a": ("S", "I", "R"),
+        "lora_b": ("S", "R", "O"),
+        "magnitude": ("S", "O"),
+    }
+
+    def _ratio(self, weight: Any) -> Array:
+        """``m / n`` in grouped form ``(*stack, *out)``."""
+        n = self.flattened().norm(weight.dense()).reshape(self.magnitude.shape)
+        return self.magnitude.astype(n.dtype) / n
+
+    def input_scale(self, use: Any, weight: Any) -> Array | None:
+        """Used transposed (a tied head, ``x·W'ᵀ``), the column scale moves onto ``x``:
+        ``x·((m/n)⊙(W + s·A·B))ᵀ = (x⊙(m/n))·(W + s·A·B)ᵀ``."""
+        if use.contracted == "O" and hasattr(use, "per_input"):
+            return use.per_input(self._ratio(weight))
+        return None
+
+    def term(self, use: Any, x: Array, base: Array, weight: Any) -> Array | None:
+        """``(m/n − 1)⊙(x·W) + (m/n)⊙s·(x·A)·B`` (the bias, added later, is not scaled)."""
+        if use.contracted == "O":  # x was scaled by input_scale: plain low-rank term
+            return use.lowrank(x, self.lora_a, self.lora_b, self.scale)
+        u = use.lowrank(x, self.lora_a, self.lora_b, self.scale)
+        ratio = use.per_output(self._ratio(weight).astype(base.dtype))
+        # With dropout, PEFT feeds the dropped-out input to the (m/n - 1) term too.
+        rescaled = base if x is use.x else use.product(weight, x)
+        return (ratio - jnp.ones((), ratio.dtype)) * rescaled + ratio * u.astype(base.dtype)
+
+    def norm(self, weight: Array) -> Array:
+        """``stop_gradient(‖W + s·A·B‖)`` over the input axes: ``(*stack, out_features)``.
+
+        Computed from ``W`` as stored and the factors, never forming ``W + s·A·B``:
+        ``colsum(W⊙W) + 2s·colsum((AᵀW)⊙B) + s²·colsum(B⊙((AᵀA)·B))``.
+        """
+        layout = self.layout
+        dtype = wide_float(weight.dtype, self.lora_a.dtype)
+        w = layout.to_grouped(weight.astype(dtype))  # (*S, in, out)
+        return column_norm(w, self.lora_a.astype(dtype), self.lora_b.astype(dtype), self.scale)
+
+    def merge_into(self, weight: Array) -> Array:
+        """``(m / n) ⊙ (W + s·A·B)``, formed in float32 or wider, cast to W's dtype."""
+        layout = self.layout
+        dtype = wide_float(weight.dtype, self.lora_a.dtype, self.magnitude.dtype)
+        n = self.norm(weight).astype(dtype)
+        ratio = self.magnitude.astype(dtype) / n  # (*S, out)
+        merged = layout.to_grouped(weight.astype(dtype)) + layout.to_grouped(self.delta())
+        merged = merged * ratio[..., None, :]
+        return layout.from_grouped(merged).astype(weight.dtype)
+
+    def unmerge_from(self, merged: Array) -> Array:
+        raise ValueError(
+            "unmerge: a DoRA adapter cannot be taken back out of a merged weight: the "
+            "merged weight (m/n)·(W + s·A·B) no longer holds the norm n of W + s·A·B. "
+            "Keep the base params (DoRA's merge is for export), or merge a plain LoRA."
+        )
+
+
+def column_norm(w: Array, a: Array, b: Array, scale: float) -> Array:
+    """``stop_gradient(‖W + s·A·B‖)`` per output column, in factored form.
+
+    Args:
+      w: ``(*S, in, out)``; a: ``(*S, in, r)``; b: ``(*S, r, out)``, one dtype.
+
+    Returns:
+      ``(*S, out)``: the square root of ``colsum(W⊙W) + 2s·colsum((AᵀW)⊙B)
+      + s²·colsum(B⊙((AᵀA)·B))``, clamped at 0 before the root. No ``(in, out)``
+      temporary but ``W⊙W`` itself, which depends on the frozen base only.
+    """
+    w, a, b = (jax.lax.stop_gradient(x) for x in (w, a, b))
+    s = jnp.asarray(scale, w.dtype)
+    n_stack = w.ndim - 2
+    batch = tuple(range(n_stack))
+    base = jnp.sum(w * w, axis=-2)
+    atw = jax.lax.dot_general(a, w, (((n_stack,), (n_stack,)), (batch, batch)))  # (*S, r, out)
+    ata = jax.lax.dot_general(a, a, (((n_stack,), (n_stack,)), (batch, batch)))  # (*S, r, r)
+    atab = jax.lax.dot_general(ata, b, (((n_stack + 1,), (n_stack,)), (batch, batch)))
+    squared = base + 2 * s * jnp.sum(atw * b, axis=-2) + s * s * jnp.sum(b * atab, axis=-2)
+    return jnp.sqrt(jnp.maximum(squared, jnp.zeros((), squared.dtype)))
+
+
+def add_delta(weight: Array, delta: Array) -> Array:
+    """``weight + delta`` computed in float32 (or wider) and cast back to weight's dtype."""
+    dtype = wide_float(weight.dtype, delta.dtype)
+    return (weight.astype(dtype) + delta.astype(dtype)).astype(weight.dtype)
+
+
+def scale_denominator(rank: int, rslora: bool) -> float:
+    """``r``, or ``sqrt(r)`` with rsLoRA: the LoRA scale is ``alpha / scale_denominator``.
+
+    The one home of the rule; ``LoraSpec``, ``jlora.peft`` and the CLI all call it.
+
+    Example:
+      >>> scale_denominator(4, False), scale_denominator(4, True)
+      (4, 2.0)
+    """
+    return math.sqrt(rank) if rslora else rank
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    return alpha / scale_denominator(rank, rslora)
+
+
+# Leaf names that are never matrices to adapt, even when a scanned model stacks them.
+NOT_WEIGHTS = frozenset({"bias", "scale", "b"})
 
 
 def wide_float(*dtypes: Any) -> Any:
@@ -141,6 +365,14 @@ def inverse_permutation(order: tuple[int, ...] | list[int]) -> tuple[int, ...]:
 jax.tree_util.register_dataclass(
     LoraAdapter, data_fields=["lora_a", "lora_b"], meta_fields=["scale", "layout", "dropout"]
 )
+jax.tree_util.register_dataclass(
+    DoraAdapter,
+    data_fields=["lora_a", "lora_b", "magnitude"],
+    meta_fields=["scale", "layout", "dropout"],
+)
+
+KINDS: dict[str, type[LoraAdapter]] = {cls.KIND: cls for cls in (LoraAdapter, DoraAdapter)}
+"""Every adapter kind by the name checkpoints store."""
 
 
 def is_adapter(node: Any) -> bool:

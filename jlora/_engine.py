@@ -1,21 +1,26 @@
 """The engine: evaluate ``fn``'s jaxpr with targeted weights carried in factored form.
 
-A targeted weight enters the interpreter as a :class:`LoraValue` (base array plus
-factors). Each equation that meets one is handled by a rule:
+A targeted weight enters the interpreter as a :class:`Target`: a weight kind (what the
+leaf of ``params`` is: a dense array, an NF4 node...), an optional adapter kind (what is
+added to it: LoRA, DoRA...) and its path. The two are independent axes, and each rule
+below asks the weight for its base product and the adapter for its term, so every
+combination composes:
 
-* ``dot_general`` contracting exactly the adapter's input axes (or exactly its output
-  axes): ``x·W + s·((x·A)·B)``, stack axes carried as batch axes;
-* ``conv_general_dilated`` with the value as kernel: conv with A as a kernel of ``r``
-  output channels, then a 1x1 projection by B;
-* ``gather`` of rows (embedding lookup): the rows of A, then B;
+* a contraction (``dot_general``, ``conv_general_dilated`` with the target as kernel,
+  ``gather`` of rows) is decoded once into a *use* (:class:`DotUse`, :class:`ConvUse`,
+  :class:`GatherUse`): which weight axes it contracts, how batch and stack axes map,
+  where the output features land. The weight gives ``use.product(weight)``; the
+  adapter gives ``adapter.term(use, x, base, weight)``, built from ``use.lowrank`` and
+  ``use.per_output``;
 * layout-only operations (casts, reshapes that keep the axis groups, transposes,
-  squeezes, copies, slices of stack axes, sharding constraints): the same operation
-  on the factors;
+  squeezes, copies, slices of stack axes, sharding constraints) go to the weight's
+  ``apply`` and to one generic rule for the adapter, driven by the axis signature of
+  each of its arrays (``SIGNATURES`` in ``_adapter.py``);
 * ``jit``/``closed_call``/``custom_jvp_call``/``custom_vjp_call``: inlined;
   ``remat``: re-issued with ``jax.checkpoint``; ``scan``/``while``/``cond``:
   re-issued with ``jax.lax`` over interpreted bodies (a stacked weight scanned over has
-  its factors scanned with it);
-* anything else: ``W + s·B·A`` is built for that one use, and counted.
+  its encoded arrays and its adapter's arrays scanned with it);
+* anything else: the dense merged weight is built for that one use, and counted.
 
 Only public structures are used (``jax.make_jaxpr`` and ``jax.extend.core``).
 """
@@ -23,7 +28,6 @@ Only public structures are used (``jax.make_jaxpr`` and ``jax.extend.core``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,80 +35,97 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jlora._adapter import LoraAdapter, inverse_permutation, wide_float
-from jlora._layout import reshape_segments
+from jlora._adapter import Layout, LoraAdapter
 from jlora._lowrank import lowrank
 from jlora._paths import path_str
+from jlora._primitives import (
+    bind,
+    bind_params,
+    conv_kernel_axes,
+    cut_axes,
+    dot_axes,
+    gather_lookup_axes,
+    is_expand_dims,
+    reshape_segments,
+    slice_extent,
+)
 from jlora._trace import trace
 from jlora._tree import match
 from jlora._types import Adapters, Array, Params, Path
+from jlora._weights import DenseWeight, WeightNode, is_weight_node
 
 P = jcore.primitives
 
 
 # --------------------------------------------------------------------------------------
-# LoRA values
+# Targets
 # --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class LoraValue:
-    """A weight in factored form inside the interpreter.
+class Target:
+    """A targeted weight inside the interpreter: weight kind, adapter kind, path.
 
-    ``kinds[i]`` says whether axis ``i`` of ``w`` is a stack (``"S"``), input (``"I"``)
-    or output (``"O"``) axis. ``a`` is ``(*S, *I, r)`` and ``b`` is ``(*S, r, *O)``, each
-    group's axes in the order they have in ``w``.
+    ``adapter`` (or None) holds its arrays in grouped form, and its ``layout`` always
+    describes the weight's current view (shape and which axes are stack, input and
+    output axes), so layout operations update both together.
     """
 
-    w: Array
-    a: Array
-    b: Array
-    kinds: tuple[str, ...]
-    scale: float
-    dropout: float
+    weight: Any
+    adapter: LoraAdapter | None
     path: Path
 
-    @classmethod
-    def from_adapter(cls, weight: Array, adapter: LoraAdapter, path: Path) -> LoraValue:
-        layout = adapter.layout
-        rank = adapter.rank
-        a = adapter.lora_a.reshape(layout.stack_shape + layout.in_shape + (rank,))
-        b = adapter.lora_b.reshape((*layout.stack_shape, rank, *layout.out_shape))
-        return cls(weight, a, b, layout.kinds(), adapter.scale, adapter.dropout, path)
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.adapter.layout.kinds()
 
     def axes(self, kind: str) -> list[int]:
         return [i for i, k in enumerate(self.kinds) if k == kind]
 
-    def with_parts(self, w, a, b, kinds=None) -> LoraValue:
-        return dataclasses.replace(
-            self, w=w, a=a, b=b, kinds=self.kinds if kinds is None else kinds
+
+jax.tree_util.register_dataclass(Target, data_fields=["weight", "adapter"], meta_fields=["path"])
+
+
+def _layout_from(shape: tuple[int, ...], kinds: list[str] | tuple[str, ...]) -> Layout | None:
+    try:
+        return Layout(
+            tuple(shape),
+            tuple(i for i, k in enumerate(kinds) if k == "S"),
+            tuple(i for i, k in enumerate(kinds) if k == "I"),
+            tuple(i for i, k in enumerate(kinds) if k == "O"),
         )
+    except ValueError:
+        return None
 
 
-jax.tree_util.register_dataclass(
-    LoraValue, data_fields=["w", "a", "b"], meta_fields=["kinds", "scale", "dropout", "path"]
-)
+def _token_axes(adapter: LoraAdapter, name: str) -> list[tuple[str, list[int]]]:
+    """Each signature token of field ``name`` with the array axes it spans (grouped form)."""
+    layout = adapter.layout
+    count = {"S": len(layout.stack_axes), "I": len(layout.in_axes), "O": len(layout.out_axes)}
+    spans, offset = [], 0
+    for token in adapter.SIGNATURES[name]:
+        n = count.get(token, 1)
+        spans.append((token, list(range(offset, offset + n))))
+        offset += n
+    return spans
 
 
-def delta_of(value: LoraValue) -> Array:
-    """``scale * A @ B`` in ``w``'s current shape and axis order, float32 or wider."""
-    n_stack = len(value.axes("S"))
-    dtype = wide_float(value.a.dtype, value.b.dtype)
-    stack_dims = tuple(range(n_stack))
-    product = jax.lax.dot_general(
-        value.a.astype(dtype),
-        value.b.astype(dtype),
-        (((value.a.ndim - 1,), (n_stack,)), (stack_dims, stack_dims)),
-    )
-    product = product * jnp.asarray(value.scale, dtype)
-    order = value.axes("S") + value.axes("I") + value.axes("O")
-    return jnp.transpose(product, inverse_permutation(order))
+def _relayout(adapter: LoraAdapter, layout: Layout, per_field: Callable) -> LoraAdapter:
+    """The adapter for a new view ``layout``; ``per_field(array, spans)`` maps each array."""
+    arrays = {
+        name: per_field(array, _token_axes(adapter, name))
+        for name, array in adapter.arrays().items()
+    }
+    return dataclasses.replace(adapter.with_arrays(**arrays), layout=layout)
 
 
-def add_delta(weight: Array, delta: Array) -> Array:
-    """``weight + delta`` computed in float32 (or wider) and cast back to weight's dtype."""
-    dtype = wide_float(weight.dtype, delta.dtype)
-    return (weight.astype(dtype) + delta.astype(dtype)).astype(weight.dtype)
+def grouped_target(weight: Any, adapter: LoraAdapter | None, path: Path) -> Target:
+    """A params leaf and its adapter node (storage form) as an interpreter value."""
+    if not isinstance(weight, WeightNode):
+        weight = DenseWeight(weight)
+    if adapter is not None:
+        adapter = adapter.with_arrays(**adapter.grouped())
+    return Target(weight, adapter, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,15 +141,27 @@ class Uses(NamedTuple):
 
 
 class Explanation(dict):
-    """``{path: Uses}`` for every target, printed as a table."""
+    """``{path: Uses}`` for every target, printed as a table with each target's kinds.
+
+    ``kinds[path]`` is ``(weight kind, adapter kind)``, e.g. ``("nf4", "dora")``; the
+    adapter kind is ``"-"`` for a quantized weight without an adapter.
+    """
+
+    def __init__(self, *args, kinds: dict[Path, tuple[str, str]] | None = None):
+        super().__init__(*args)
+        self.kinds = dict(kinds or {})
 
     def __str__(self) -> str:
         if not self:
             return "no targets"
         width = max(len(p) for p in self)
-        lines = [f"{'target':<{width}}  factored  materialized"]
+        lines = [f"{'target':<{width}}  weight  adapter  factored  materialized"]
         for path, uses in self.items():
-            lines.append(f"{path:<{width}}  {uses.factored:>8}  {uses.materialized:>12}")
+            weight, adapter = self.kinds.get(path, ("dense", "lora"))
+            lines.append(
+                f"{path:<{width}}  {weight:<6}  {adapter:<7}  {uses.factored:>8}  "
+                f"{uses.materialized:>12}"
+            )
         total = sum(u.factored for u in self.values())
         total_uses = total + sum(u.materialized for u in self.values())
         share = 100.0 * total / total_uses if total_uses else 100.0
@@ -140,7 +173,7 @@ class Explanation(dict):
 
 @dataclasses.dataclass
 class _Context:
-    """Per-call state of the interpreter: use counts and the dropout key."""
+    """Per-call state of the interpreter: use counts, the dropout key, the fast path."""
 
     counts: dict[Path, list[int]] | None
     key: Array | None
@@ -156,13 +189,22 @@ class _Context:
         return jax.random.fold_in(self.key, self.uses)
 
     def child(self, key: Array | None) -> _Context:
-        return _Context(self.counts, key)
+        """The context of a loop body: same counts and fast path, its own key."""
+        return _Context(self.counts, key, self.fast_backward)
 
     def materialize(self, value: Any) -> Any:
-        if not isinstance(value, LoraValue):
+        if not isinstance(value, Target):
             return value
         self.count(value.path, factored=False)
-        return add_delta(value.w, delta_of(value))
+        return dense_value(value)
+
+
+def dense_value(target: Target) -> Array:
+    """The array ``fn`` sees at ``target``: the merged weight in its current view."""
+    weight = target.weight.dense()
+    if target.adapter is None:
+        return weight
+    return target.adapter.flattened().merge_into(weight)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,7 +240,7 @@ def _pending_add(eqn: jcore.JaxprEqn, invals: list) -> list | None:
         return None
     sum_value = invals[pending.index(True)]
     other = invals[pending.index(False)]
-    if isinstance(other, LoraValue) or tuple(eqn.outvars[0].aval.shape) != sum_value.base.shape:
+    if isinstance(other, Target) or tuple(eqn.outvars[0].aval.shape) != sum_value.base.shape:
         return None
     ordered = [sum_value.base if p else v for v, p in zip(invals, pending)]
     partial = bind(eqn, ordered)[0]
@@ -206,7 +248,7 @@ def _pending_add(eqn: jcore.JaxprEqn, invals: list) -> list | None:
 
 
 def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> list:
-    """Evaluate ``jaxpr`` on ``args``, which may hold :class:`LoraValue` s."""
+    """Evaluate ``jaxpr`` on ``args``, which may hold :class:`Target` s."""
     env: dict[Any, Any] = {}
 
     def read(atom):
@@ -223,8 +265,8 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> lis
             outvals = _pending_add(eqn, invals)
             invals = [_resolve(v) for v in invals]
         if outvals is None:
-            if any(isinstance(v, LoraValue) for v in invals):
-                outvals = _lora_eqn(eqn, invals, ctx)
+            if any(isinstance(v, Target) for v in invals):
+                outvals = _target_eqn(eqn, invals, ctx)
             else:
                 outvals = bind(eqn, invals)
         for var, value in zip(eqn.outvars, outvals):
@@ -233,23 +275,7 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> lis
     return [_resolve(read(v)) for v in jaxpr.outvars]
 
 
-def bind_params(eqn: jcore.JaxprEqn) -> tuple[list, dict]:
-    """``eqn``'s params as its primitive's ``bind`` takes them (older JAX: plus subfuns)."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):
-        subfuns, params = params
-        return list(subfuns), params
-    return [], params
-
-
-def bind(eqn: jcore.JaxprEqn, invals: list) -> list:
-    """Apply ``eqn``'s primitive to plain values, as ``jax.core.eval_jaxpr`` does."""
-    subfuns, params = bind_params(eqn)
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _lora_eqn(eqn: jcore.JaxprEqn, invals: list, ctx: _Context) -> list:
+def _target_eqn(eqn: jcore.JaxprEqn, invals: list, ctx: _Context) -> list:
     rule = _RULES.get(eqn.primitive)
     if rule is not None:
         out = rule(eqn, invals, ctx)
@@ -258,323 +284,475 @@ def _lora_eqn(eqn: jcore.JaxprEqn, invals: list, ctx: _Context) -> list:
     return bind(eqn, [ctx.materialize(v) for v in invals])
 
 
-# -- matmul, conv, lookup ------------------------------------------------------------
+# -- uses: contractions decoded once -------------------------------------------------
 
 
-def _dropout(x: Array, value: LoraValue, ctx: _Context) -> Array:
-    if value.dropout <= 0.0 or ctx.key is None:
+def _dropout(x: Array, adapter: LoraAdapter, ctx: _Context) -> Array:
+    if adapter.dropout <= 0.0 or ctx.key is None:
         return x
-    keep = 1.0 - value.dropout
+    keep = 1.0 - adapter.dropout
     mask = jax.random.bernoulli(ctx.next_key(), keep, x.shape)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _dot_general(eqn, invals, ctx):
-    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
-    lhs, rhs = invals
-    if isinstance(lhs, LoraValue) and isinstance(rhs, LoraValue):
-        return None
-    weight_is_rhs = isinstance(rhs, LoraValue)
-    value, x = (rhs, lhs) if weight_is_rhs else (lhs, rhs)
-    w_contract, w_batch = (rhs_contract, rhs_batch) if weight_is_rhs else (lhs_contract, lhs_batch)
-    x_contract, x_batch = (lhs_contract, lhs_batch) if weight_is_rhs else (rhs_contract, rhs_batch)
-    stack, ins, outs = value.axes("S"), value.axes("I"), value.axes("O")
-    if sorted(w_batch) != stack:
-        return None
-    if sorted(w_contract) == ins:
-        first, second = value.a, value.b
-        first_pos = {axis: len(stack) + k for k, axis in enumerate(ins)}
-        second_rank_axis = len(stack)
-    elif sorted(w_contract) == outs:
-        first, second = value.b, value.a
-        first_pos = {axis: len(stack) + 1 + k for k, axis in enumerate(outs)}
-        second_rank_axis = second.ndim - 1
-    else:
-        return None
-    first_pos.update({axis: k for k, axis in enumerate(stack)})
-    precision = eqn.params.get("precision")
-    preferred = eqn.params.get("preferred_element_type")
-    base = bind(eqn, [v.w if isinstance(v, LoraValue) else v for v in invals])[0]
+@dataclasses.dataclass
+class DotUse:
+    """A ``dot_general`` with the target on one side.
 
-    x_low = _dropout(x, value, ctx)
-    same_dtypes = preferred in (None, x.dtype) and base.dtype == x.dtype
-    if (
-        ctx.fast_backward
-        and same_dtypes
-        and _is_plain_projection(x, value, x_contract, w_contract, w_batch, weight_is_rhs)
-    ):
-        # x's trailing axes against W's input axes, in order: the common Dense/Linear
-        # case, through the low-rank product whose VJP keeps to XLA's fast GEMM forms.
-        u = _projection(x_low, value, len(ins), precision)
-        ctx.count(value.path, factored=True)
-        return [_PendingSum(base, u)]
-    first = first.astype(x.dtype)
-    t = jax.lax.dot_general(
-        x_low,
-        first,
-        (
-            (tuple(x_contract), tuple(first_pos[a] for a in w_contract)),
-            (tuple(x_batch), tuple(first_pos[a] for a in w_batch)),
-        ),
-        precision=precision,
-        preferred_element_type=preferred,
-    )
-    # t: (*batch, *x_free, r); the scale goes on this small intermediate.
-    t = t * jnp.asarray(value.scale, t.dtype)
-    n_batch = len(w_batch)
-    second = second.astype(t.dtype)
-    second_stack = tuple(stack.index(a) for a in w_batch)
-    u = jax.lax.dot_general(
-        t,
-        second,
-        (((t.ndim - 1,), (second_rank_axis,)), (tuple(range(n_batch)), second_stack)),
-        precision=precision,
-        preferred_element_type=preferred,
-    )
-    # u: (*batch, *x_free, *w_free); dot_general's own order puts lhs free axes first.
-    if not weight_is_rhs:
-        n_x_free = t.ndim - 1 - n_batch
-        n_w_free = u.ndim - n_batch - n_x_free
-        batch_axes = list(range(n_batch))
-        x_free_axes = list(range(n_batch, n_batch + n_x_free))
-        w_free_axes = list(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
-        u = jnp.transpose(u, batch_axes + w_free_axes + x_free_axes)
-    ctx.count(value.path, factored=True)
-    return [_PendingSum(base, u)]
+    ``contracted`` is ``"I"`` when the use contracts exactly the weight's input axes
+    (``x·W``) and ``"O"`` when it contracts its output axes (a tied head, ``x·Wᵀ``).
+    The weight's stack axes are batch axes, in ``w_batch`` order.
+    """
 
+    eqn: jcore.JaxprEqn
+    x: Array
+    layout: Layout
+    weight_is_rhs: bool
+    w_contract: list[int]
+    w_batch: list[int]
+    x_contract: list[int]
+    x_batch: list[int]
+    contracted: str
+    ctx: _Context
 
-def _is_plain_projection(x, value, x_contract, w_contract, w_batch, weight_is_rhs) -> bool:
-    """``x @ W`` contracting x's last axes with all of W's input axes in order, no batch."""
-    ins = value.axes("I")
-    n_in = len(ins)
-    return (
-        weight_is_rhs
-        and not w_batch
-        and not value.axes("S")
-        and tuple(w_contract) == tuple(ins)
-        and tuple(x_contract) == tuple(range(x.ndim - n_in, x.ndim))
-    )
-
-
-def _projection(x: Array, value: LoraValue, n_in: int, precision: Any) -> Array:
-    """``s·(x·A)·B`` by :func:`jlora._lowrank.lowrank` on 2-D factors; W's output axes last."""
-    free_shape = x.shape[: x.ndim - n_in]
-    rank = value.a.shape[-1]
-    in_features = math.prod(value.a.shape[:-1])
-    a_IxR = value.a.reshape(in_features, rank).astype(x.dtype)
-    b_RxO = value.b.reshape(rank, -1).astype(x.dtype)
-    u = lowrank(x.reshape(*free_shape, in_features), a_IxR, b_RxO, value.scale, precision)
-    return u.reshape(*free_shape, *value.b.shape[1:])
-
-
-def _conv(eqn, invals, ctx):
-    lhs, kernel = invals
-    if isinstance(lhs, LoraValue) or not isinstance(kernel, LoraValue):
-        return None
-    params = eqn.params
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-        return None
-    numbers = params["dimension_numbers"]
-    out_feature = numbers.rhs_spec[0]
-    if kernel.axes("O") != [out_feature] or kernel.axes("S"):
-        return None
-    base = bind(eqn, [lhs, kernel.w])[0]
-    # A as a kernel with r output channels: (I axes in kernel order, r) -> r moved in place.
-    a_kernel = jnp.moveaxis(kernel.a, -1, out_feature).astype(lhs.dtype)
-    subfuns, conv_params = bind_params(eqn)
-    t = eqn.primitive.bind(*subfuns, _dropout(lhs, kernel, ctx), a_kernel, **conv_params)
-    t = t * jnp.asarray(kernel.scale, t.dtype)
-    feature = numbers.out_spec[1]
-    u = jax.lax.dot_general(
-        t,
-        kernel.b.astype(t.dtype),
-        (((feature,), (0,)), ((), ())),
-        precision=params.get("precision"),
-        preferred_element_type=params.get("preferred_element_type"),
-    )
-    u = jnp.moveaxis(u, -1, feature)
-    ctx.count(kernel.path, factored=True)
-    return [_PendingSum(base, u)]
-
-
-def _gather(eqn, invals, ctx):
-    value, indices = invals
-    if not isinstance(value, LoraValue) or isinstance(indices, LoraValue) or value.axes("S"):
-        return None
-    params = eqn.params
-    dims = params["dimension_numbers"]
-    ins, outs = value.axes("I"), value.axes("O")
-    mapped = list(dims.start_index_map)
-    if dims.operand_batching_dims or not set(dims.collapsed_slice_dims) <= set(ins):
-        return None
-    if not set(ins) <= set(mapped):
-        return None
-    sizes = params["slice_sizes"]
-    if any(sizes[a] != 1 for a in ins) or any(sizes[a] != value.w.shape[a] for a in outs):
-        return None
-    # ``vmap`` of a row lookup (Equinox's Embedding) also gives the output axes a start
-    # index; sliced whole, that index is clamped to 0 unless out-of-bounds starts fill.
-    if set(mapped) - set(ins) and params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
-        return None
-    base = bind(eqn, [value.w, indices])[0]
-    kept = [a for a in range(value.w.ndim) if a not in dims.collapsed_slice_dims]
-    n_batch = base.ndim - len(kept)
-    columns = [k for k, axis in enumerate(mapped) if axis in ins]
-    if len(columns) != len(mapped):
-        indices = jnp.concatenate([indices[..., k : k + 1] for k in columns], axis=-1)
-    # Rows of A: the same lookup over A's input axes, r kept whole at the end.
-    position = {axis: k for k, axis in enumerate(ins)}
-    a_dims = jax.lax.GatherDimensionNumbers(
-        offset_dims=(n_batch,),
-        collapsed_slice_dims=tuple(range(len(ins))),
-        start_index_map=tuple(position[mapped[k]] for k in columns),
-    )
-    t = jax.lax.gather(
-        value.a,
-        indices,
-        a_dims,
-        slice_sizes=(1,) * len(ins) + (value.a.shape[-1],),
-        mode=params["mode"],
-        fill_value=params.get("fill_value"),
-        indices_are_sorted=params.get("indices_are_sorted", False),
-        unique_indices=params.get("unique_indices", False),
-    )
-    t = t * jnp.asarray(value.scale, t.dtype)
-    u = jax.lax.dot_general(t, value.b.astype(t.dtype), (((t.ndim - 1,), (0,)), ((), ())))
-    # u: (*batch, *O) -> (*batch, *kept) with the uncollapsed input axes as size 1; then
-    # put the kept axes where the lookup puts its offset axes.
-    u = u.reshape(u.shape[:n_batch] + tuple(value.w.shape[a] if a in outs else 1 for a in kept))
-    offset = list(dims.offset_dims)
-    perm, batch_k = [], 0
-    for position_out in range(base.ndim):
-        if position_out in offset:
-            perm.append(n_batch + offset.index(position_out))
+    @classmethod
+    def decode(cls, eqn, invals, ctx) -> DotUse | None:
+        lhs, rhs = invals
+        if isinstance(lhs, Target) and isinstance(rhs, Target):
+            return None
+        weight_is_rhs = isinstance(rhs, Target)
+        target, x = (rhs, lhs) if weight_is_rhs else (lhs, rhs)
+        if target.adapter is None:
+            return None
+        dims = eqn.params["dimension_numbers"]
+        w_side = 1 if weight_is_rhs else 0
+        w_contract, w_batch, _ = dot_axes(dims, w_side, len(target.kinds))
+        x_contract, x_batch, _ = dot_axes(dims, 1 - w_side, x.ndim)
+        stack, ins, outs = target.axes("S"), target.axes("I"), target.axes("O")
+        if sorted(w_batch) != stack:
+            return None
+        if sorted(w_contract) == ins:
+            contracted = "I"
+        elif sorted(w_contract) == outs:
+            contracted = "O"
         else:
-            perm.append(batch_k)
-            batch_k += 1
-    u = jnp.transpose(u, perm)
-    ctx.count(value.path, factored=True)
-    return [_PendingSum(base, u)]
+            return None
+        return cls(
+            eqn, x, target.adapter.layout, weight_is_rhs, w_contract, w_batch, x_contract,
+            x_batch, contracted, ctx,
+        )  # fmt: skip
+
+    def product(self, weight: Any, x: Array | None = None) -> Array:
+        """The weight's own product at this use (with another activation ``x``)."""
+        x = self.x if x is None else x
+
+        def contract(w, x):
+            return bind(self.eqn, [x, w] if self.weight_is_rhs else [w, x])[0]
+
+        return weight.product(contract, x)
+
+    def _is_plain_projection(self) -> bool:
+        """``x @ W`` contracting x's last axes with all of W's input axes in order."""
+        ins = list(self.layout.in_axes)
+        n_in = len(ins)
+        return (
+            self.weight_is_rhs
+            and self.contracted == "I"
+            and not self.w_batch
+            and not self.layout.stack_axes
+            and list(self.w_contract) == ins
+            and list(self.x_contract) == list(range(self.x.ndim - n_in, self.x.ndim))
+        )
+
+    def lowrank(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        """``s·(x·A)·B`` in this use's output layout (grouped ``a``, ``b``)."""
+        eqn, layout = self.eqn, self.layout
+        precision = eqn.params.get("precision")
+        preferred = eqn.params.get("preferred_element_type")
+        out_dtype = eqn.outvars[0].aval.dtype
+        same_dtypes = preferred in (None, x.dtype) and out_dtype == x.dtype
+        if self.ctx.fast_backward and same_dtypes and self._is_plain_projection():
+            # x's trailing axes against W's input axes, in order: the common Dense/Linear
+            # case, through the low-rank product whose VJP keeps to XLA's fast GEMM forms.
+            n_in = len(layout.in_axes)
+            free_shape = x.shape[: x.ndim - n_in]
+            rank = a.shape[-1]
+            a_IxR = a.reshape(layout.in_features, rank).astype(x.dtype)
+            b_RxO = b.reshape(rank, -1).astype(x.dtype)
+            u = lowrank(x.reshape(*free_shape, layout.in_features), a_IxR, b_RxO, scale, precision)
+            return u.reshape(*free_shape, *b.shape[1:])
+        stack, ins, outs = list(layout.stack_axes), list(layout.in_axes), list(layout.out_axes)
+        if self.contracted == "I":
+            first, second = a, b
+            first_pos = {axis: len(stack) + k for k, axis in enumerate(ins)}
+            second_rank_axis = len(stack)
+        else:
+            first, second = b, a
+            first_pos = {axis: len(stack) + 1 + k for k, axis in enumerate(outs)}
+            second_rank_axis = second.ndim - 1
+        first_pos.update({axis: k for k, axis in enumerate(stack)})
+        t = jax.lax.dot_general(
+            x,
+            first.astype(x.dtype),
+            (
+                (tuple(self.x_contract), tuple(first_pos[a] for a in self.w_contract)),
+                (tuple(self.x_batch), tuple(first_pos[a] for a in self.w_batch)),
+            ),
+            precision=precision,
+            preferred_element_type=preferred,
+        )
+        # t: (*batch, *x_free, r); the scale goes on this small intermediate.
+        t = t * jnp.asarray(scale, t.dtype)
+        n_batch = len(self.w_batch)
+        second_stack = tuple(stack.index(a) for a in self.w_batch)
+        u = jax.lax.dot_general(
+            t,
+            second.astype(t.dtype),
+            (((t.ndim - 1,), (second_rank_axis,)), (tuple(range(n_batch)), second_stack)),
+            precision=precision,
+            preferred_element_type=preferred,
+        )
+        # u: (*batch, *x_free, *w_free); dot_general's own order puts lhs free axes first.
+        if not self.weight_is_rhs:
+            n_x_free = t.ndim - 1 - n_batch
+            n_w_free = u.ndim - n_batch - n_x_free
+            batch_axes = list(range(n_batch))
+            x_free = list(range(n_batch, n_batch + n_x_free))
+            w_free = list(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
+            u = jnp.transpose(u, batch_axes + w_free + x_free)
+        return u
+
+    def with_x(self, x: Array) -> DotUse:
+        return dataclasses.replace(self, x=x)
+
+    def per_input(self, vec: Array) -> Array:
+        """A ``(*stack, *out)`` array broadcast against ``x``, for a use contracting "O"."""
+        stack, outs = list(self.layout.stack_axes), list(self.layout.out_axes)
+        position = {a: i for i, a in enumerate(stack)}
+        position.update({a: len(stack) + j for j, a in enumerate(outs)})
+        order, shape = [], []
+        for axis in range(self.x.ndim):
+            if axis in self.x_batch:
+                weight_axis = self.w_batch[self.x_batch.index(axis)]
+            elif axis in self.x_contract:
+                weight_axis = self.w_contract[self.x_contract.index(axis)]
+            else:
+                shape.append(1)
+                continue
+            order.append(position[weight_axis])
+            shape.append(vec.shape[position[weight_axis]])
+        return jnp.transpose(vec, order).reshape(shape)
+
+    def per_output(self, vec: Array) -> Array:
+        """A ``(*stack, *out)`` array (grouped) broadcast against this use's output."""
+        stack = list(self.layout.stack_axes)
+        n_stack = len(stack)
+        order = [stack.index(a) for a in self.w_batch] + list(range(n_stack, vec.ndim))
+        vec = jnp.transpose(vec, order)
+        n_x_free = self.x.ndim - len(self.x_contract) - len(self.x_batch)
+        batch_shape, out_shape = vec.shape[:n_stack], vec.shape[n_stack:]
+        ones = (1,) * n_x_free
+        if self.weight_is_rhs:
+            return vec.reshape(batch_shape + ones + out_shape)
+        return vec.reshape(batch_shape + out_shape + ones)
+
+
+@dataclasses.dataclass
+class ConvUse:
+    """A convolution with the target as its kernel (output features on one kernel axis)."""
+
+    eqn: jcore.JaxprEqn
+    x: Array
+    layout: Layout
+    contracted: str = "I"
+
+    @classmethod
+    def decode(cls, eqn, invals, ctx) -> ConvUse | None:
+        lhs, kernel = invals
+        if isinstance(lhs, Target) or not isinstance(kernel, Target) or kernel.adapter is None:
+            return None
+        params = eqn.params
+        if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+            return None
+        out_feature, _ = conv_kernel_axes(params["dimension_numbers"], len(kernel.kinds))
+        if kernel.axes("O") != [out_feature] or kernel.axes("S"):
+            return None
+        return cls(eqn, lhs, kernel.adapter.layout)
+
+    def product(self, weight: Any, x: Array | None = None) -> Array:
+        x = self.x if x is None else x
+        return weight.product(lambda w, x: bind(self.eqn, [x, w])[0], x)
+
+    def lowrank(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        """Conv with A as a kernel of ``r`` output channels, then a 1x1 projection by B."""
+        params = self.eqn.params
+        numbers = params["dimension_numbers"]
+        out_feature = numbers.rhs_spec[0]
+        a_kernel = jnp.moveaxis(a, -1, out_feature).astype(x.dtype)
+        subfuns, conv_params = bind_params(self.eqn)
+        t = self.eqn.primitive.bind(*subfuns, x, a_kernel, **conv_params)
+        t = t * jnp.asarray(scale, t.dtype)
+        feature = numbers.out_spec[1]
+        u = jax.lax.dot_general(
+            t,
+            b.astype(t.dtype),
+            (((feature,), (0,)), ((), ())),
+            precision=params.get("precision"),
+            preferred_element_type=params.get("preferred_element_type"),
+        )
+        return jnp.moveaxis(u, -1, feature)
+
+    def per_output(self, vec: Array) -> Array:
+        feature = self.eqn.params["dimension_numbers"].out_spec[1]
+        shape = [1] * len(self.eqn.outvars[0].aval.shape)
+        shape[feature] = vec.shape[-1]
+        return vec.reshape(shape)
+
+
+@dataclasses.dataclass
+class GatherUse:
+    """A row lookup (embedding) of the target: indices over its input axes."""
+
+    eqn: jcore.JaxprEqn
+    x: Array  # the indices
+    layout: Layout
+    columns: list[int]
+    contracted: str = "I"
+
+    @classmethod
+    def decode(cls, eqn, invals, ctx) -> GatherUse | None:
+        target, indices = invals
+        if not isinstance(target, Target) or isinstance(indices, Target):
+            return None
+        if target.adapter is None or target.axes("S"):
+            return None
+        params = eqn.params
+        dims = params["dimension_numbers"]
+        ins, outs = target.axes("I"), target.axes("O")
+        mapped = list(dims.start_index_map)
+        if dims.operand_batching_dims or not set(dims.collapsed_slice_dims) <= set(ins):
+            return None
+        shape, sizes = target.weight.shape, params["slice_sizes"]
+        looked_up = gather_lookup_axes(dims, shape, sizes)
+        if not set(ins) <= set(mapped) or not set(looked_up) <= set(ins):
+            return None
+        if any(sizes[a] != 1 for a in ins) or any(sizes[a] != shape[a] for a in outs):
+            return None
+        # ``vmap`` of a row lookup (Equinox's Embedding) also gives the output axes a start
+        # index; sliced whole, that index is clamped to 0 unless out-of-bounds starts fill.
+        if set(mapped) - set(ins) and params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+            return None
+        columns = [k for k, axis in enumerate(mapped) if axis in ins]
+        return cls(eqn, indices, target.adapter.layout, columns)
+
+    def product(self, weight: Any, x: Array | None = None) -> Array:
+        return weight.product(lambda w, i: bind(self.eqn, [w, i])[0], self.x)
+
+    def _place(self, u: Array) -> Array:
+        """``(*batch, *out)`` rows to where the lookup puts its offset axes."""
+        layout = self.layout
+        dims = self.eqn.params["dimension_numbers"]
+        out_ndim = len(self.eqn.outvars[0].aval.shape)
+        kept = [a for a in range(len(layout.weight_shape)) if a not in dims.collapsed_slice_dims]
+        n_batch = out_ndim - len(kept)
+        outs = layout.out_axes
+        u = u.reshape(
+            u.shape[:n_batch] + tuple(layout.weight_shape[a] if a in outs else 1 for a in kept)
+        )
+        offset = list(dims.offset_dims)
+        perm, batch_k = [], 0
+        for position_out in range(out_ndim):
+            if position_out in offset:
+                perm.append(n_batch + offset.index(position_out))
+            else:
+                perm.append(batch_k)
+                batch_k += 1
+        return jnp.transpose(u, perm)
+
+    def lowrank(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        """The same lookup over A's input axes (r kept whole), then B."""
+        params = self.eqn.params
+        dims = params["dimension_numbers"]
+        ins = list(self.layout.in_axes)
+        mapped = list(dims.start_index_map)
+        indices = self.x
+        if len(self.columns) != len(mapped):
+            indices = jnp.concatenate([indices[..., k : k + 1] for k in self.columns], axis=-1)
+        out_ndim = len(self.eqn.outvars[0].aval.shape)
+        kept = [
+            a for a in range(len(self.layout.weight_shape)) if a not in dims.collapsed_slice_dims
+        ]
+        n_batch = out_ndim - len(kept)
+        position = {axis: k for k, axis in enumerate(ins)}
+        a_dims = jax.lax.GatherDimensionNumbers(
+            offset_dims=(n_batch,),
+            collapsed_slice_dims=tuple(range(len(ins))),
+            start_index_map=tuple(position[mapped[k]] for k in self.columns),
+        )
+        t = jax.lax.gather(
+            a,
+            indices,
+            a_dims,
+            slice_sizes=(1,) * len(ins) + (a.shape[-1],),
+            mode=params["mode"],
+            fill_value=params.get("fill_value"),
+            indices_are_sorted=params.get("indices_are_sorted", False),
+            unique_indices=params.get("unique_indices", False),
+        )
+        t = t * jnp.asarray(scale, t.dtype)
+        u = jax.lax.dot_general(t, b.astype(t.dtype), (((t.ndim - 1,), (0,)), ((), ())))
+        return self._place(u)
+
+    def per_output(self, vec: Array) -> Array:
+        out_ndim = len(self.eqn.outvars[0].aval.shape)
+        dims = self.eqn.params["dimension_numbers"]
+        kept = [
+            a for a in range(len(self.layout.weight_shape)) if a not in dims.collapsed_slice_dims
+        ]
+        n_batch = out_ndim - len(kept)
+        return self._place(vec.reshape((1,) * n_batch + vec.shape))
+
+
+def _contraction(decode: Callable) -> Callable:
+    """A rule: decode the use, ask the weight for its product and the adapter for its term."""
+
+    def rule(eqn, invals, ctx):
+        position = next(k for k, v in enumerate(invals) if isinstance(v, Target))
+        target = invals[position]
+        if target.adapter is None:  # a quantized base without an adapter: decode per use
+
+            def contract(w, *rest):
+                return bind(eqn, [*rest[:position], w, *rest[position:]])[0]
+
+            others = invals[:position] + invals[position + 1 :]
+            if any(isinstance(v, Target) for v in others):
+                return None
+            ctx.count(target.path, factored=True)
+            return [target.weight.product(contract, *others)]
+        use = decode(eqn, invals, ctx)
+        if use is None:
+            return None
+        x_scale = target.adapter.input_scale(use, target.weight)
+        if x_scale is not None:  # the adapter rescales the activation (DoRA, tied head)
+            use = use.with_x(use.x * x_scale.astype(use.x.dtype))
+        x_low = use.x if isinstance(use, GatherUse) else _dropout(use.x, target.adapter, ctx)
+        base = use.product(target.weight)
+        u = target.adapter.term(use, x_low, base, target.weight)
+        if u is None:
+            return None
+        ctx.count(target.path, factored=True)
+        return [_PendingSum(base, u)]
+
+    return rule
 
 
 # -- layout-only operations ----------------------------------------------------------
 
 
-def _transpose(eqn, invals, ctx):
-    (value,) = invals
+def _layout_rule(adapter_rule: Callable) -> Callable:
+    """A rule for a layout-only op: the weight's ``apply``, and ``adapter_rule`` for the
+    adapter (``adapter_rule(eqn, target, new_shape) -> adapter | None``)."""
+
+    def rule(eqn, invals, ctx):
+        target, *rest = invals
+        if not isinstance(target, Target) or any(isinstance(v, Target) for v in rest):
+            return None
+        adapter = target.adapter
+        if adapter is not None:
+            adapter = adapter_rule(eqn, target, tuple(eqn.outvars[0].aval.shape), rest)
+            if adapter is None:
+                return None
+        weight = target.weight.apply(eqn, rest)
+        if weight is None:
+            return None
+        return [Target(weight, adapter, target.path)]
+
+    return rule
+
+
+def _adapter_transpose(eqn, target, new_shape, rest):
     perm = eqn.params["permutation"]
-    kinds = tuple(value.kinds[p] for p in perm)
-    old = {k: value.axes(k) for k in "SIO"}
-    order = {k: [old[k].index(p) for p in perm if value.kinds[p] == k] for k in "SIO"}
-    n_s, n_i = len(old["S"]), len(old["I"])
-    a_perm = order["S"] + [n_s + i for i in order["I"]] + [n_s + n_i]
-    b_perm = order["S"] + [n_s] + [n_s + 1 + o for o in order["O"]]
-    w = bind(eqn, [value.w])[0]
-    return [
-        value.with_parts(w, jnp.transpose(value.a, a_perm), jnp.transpose(value.b, b_perm), kinds)
-    ]
+    kinds = target.kinds
+    old = {k: target.axes(k) for k in "SIO"}
+    order = {k: [old[k].index(p) for p in perm if kinds[p] == k] for k in "SIO"}
+    layout = _layout_from(new_shape, [kinds[p] for p in perm])
+
+    def per_field(array, spans):
+        permutation = []
+        for token, axes in spans:
+            permutation.extend([axes[i] for i in order[token]] if token in order else axes)
+        return jnp.transpose(array, permutation)
+
+    return _relayout(target.adapter, layout, per_field)
 
 
-def _regroup(eqn, invals, ctx):
-    value = invals[0]
-    if any(isinstance(v, LoraValue) for v in invals[1:]):
-        return None
-    w = bind(eqn, [value.w, *list(invals[1:])])[0]
-    new_shape = w.shape
-    segments = reshape_segments(value.w.shape, new_shape)
+def _adapter_regroup(eqn, target, new_shape, rest):
+    old_shape = target.adapter.layout.weight_shape
+    segments = reshape_segments(old_shape, new_shape)
     if segments is None:
         return None
     kinds = ["O"] * len(new_shape)
     for old_axes, new_axes in segments:
-        old_kinds = {value.kinds[a] for a in old_axes}
+        old_kinds = {target.kinds[a] for a in old_axes}
         if len(old_kinds) != 1:
             return None
         (kind,) = old_kinds
         for axis in new_axes:
             kinds[axis] = kind
-    if "I" not in kinds:
+    layout = _layout_from(new_shape, kinds)
+    if layout is None:
         return None
-    sizes = {k: tuple(d for d, kind in zip(new_shape, kinds) if kind == k) for k in "SIO"}
-    rank = value.a.shape[-1]
-    a = value.a.reshape(sizes["S"] + sizes["I"] + (rank,))
-    b = value.b.reshape(sizes["S"] + (rank,) + sizes["O"])
-    return [value.with_parts(w, a, b, tuple(kinds))]
+    rank = target.adapter.rank
+    sizes = {"S": layout.stack_shape, "I": layout.in_shape, "O": layout.out_shape, "R": (rank,)}
+
+    def per_field(array, spans):
+        return array.reshape(tuple(d for token, _ in spans for d in sizes[token]))
+
+    return _relayout(target.adapter, layout, per_field)
 
 
-def _broadcast_in_dim(eqn, invals, ctx):
-    value = invals[0]
-    shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
-    if len(invals) > 1 or any(value.w.shape[i] != shape[d] for i, d in enumerate(dims)):
+def _adapter_broadcast(eqn, target, new_shape, rest):
+    old_shape = target.adapter.layout.weight_shape
+    if rest or not is_expand_dims(old_shape, new_shape, eqn.params["broadcast_dimensions"]):
         return None
-    if any(shape[d] != 1 for d in range(len(shape)) if d not in dims):
-        return None  # a real broadcast, not an expand_dims
-    return _regroup(eqn, invals, ctx)
+    return _adapter_regroup(eqn, target, new_shape, rest)
 
 
-def _convert(eqn, invals, ctx):
-    (value,) = invals
+def _adapter_cast(eqn, target, new_shape, rest):
     new_dtype = eqn.params["new_dtype"]
     if not jnp.issubdtype(new_dtype, jnp.floating):
         return None
-    w = bind(eqn, [value.w])[0]
-    return [value.with_parts(w, value.a.astype(new_dtype), value.b.astype(new_dtype))]
+    return _relayout(target.adapter, target.adapter.layout, lambda a, spans: a.astype(new_dtype))
 
 
-def _on_weight_only(eqn, invals, ctx):
-    (value,) = invals
-    w = bind(eqn, [value.w])[0]
-    return [value.with_parts(w, value.a, value.b)]
+def _adapter_same(eqn, target, new_shape, rest):
+    return target.adapter
 
 
-def _slice(eqn, invals, ctx):
-    (value,) = invals
-    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-    strides = eqn.params["strides"] or (1,) * len(start)
-    for axis, kind in enumerate(value.kinds):
-        full = start[axis] == 0 and limit[axis] == value.w.shape[axis] and strides[axis] == 1
-        if kind != "S" and not full:
-            return None
-    stack = value.axes("S")
-    w = bind(eqn, [value.w])[0]
-    a = jax.lax.slice(
-        value.a,
-        [start[s] for s in stack] + [0] * (value.a.ndim - len(stack)),
-        [limit[s] for s in stack] + list(value.a.shape[len(stack) :]),
-        [strides[s] for s in stack] + [1] * (value.a.ndim - len(stack)),
-    )
-    b = jax.lax.slice(
-        value.b,
-        [start[s] for s in stack] + [0] * (value.b.ndim - len(stack)),
-        [limit[s] for s in stack] + list(value.b.shape[len(stack) :]),
-        [strides[s] for s in stack] + [1] * (value.b.ndim - len(stack)),
-    )
-    return [value.with_parts(w, a, b)]
-
-
-def _dynamic_slice(eqn, invals, ctx):
-    value, *starts = invals
-    if any(isinstance(s, LoraValue) for s in starts):
+def _adapter_slice(eqn, target, new_shape, rest):
+    """Slices of stack axes only: the same slice of each array's stack axes."""
+    layout = target.adapter.layout
+    starts, sizes, strides = slice_extent(eqn)
+    stack = target.axes("S")
+    if not set(cut_axes(layout.weight_shape, starts, sizes, strides)) <= set(stack):
         return None
-    sizes = eqn.params["slice_sizes"]
-    for axis, kind in enumerate(value.kinds):
-        if kind != "S" and sizes[axis] != value.w.shape[axis]:
-            return None
-    stack = value.axes("S")
-    w = bind(eqn, [value.w, *starts])[0]
+    static = eqn.primitive is P.slice_p
+    limits = eqn.params["limit_indices"] if static else None
     zero = jnp.zeros((), jnp.int32)
-    stack_starts = [starts[s] for s in stack]
-    stack_sizes = [sizes[s] for s in stack]
-    a = jax.lax.dynamic_slice(
-        value.a,
-        stack_starts + [zero] * (value.a.ndim - len(stack)),
-        stack_sizes + list(value.a.shape[len(stack) :]),
-    )
-    b = jax.lax.dynamic_slice(
-        value.b,
-        stack_starts + [zero] * (value.b.ndim - len(stack)),
-        stack_sizes + list(value.b.shape[len(stack) :]),
-    )
-    return [value.with_parts(w, a, b)]
+
+    def per_field(array, spans):
+        stack_span = next((axes for token, axes in spans if token == "S"), [])
+        if static:
+            lo, hi, step = [0] * array.ndim, list(array.shape), [1] * array.ndim
+            for k, axis in zip(stack, stack_span):
+                lo[axis], hi[axis], step[axis] = starts[k], limits[k], strides[k]
+            return jax.lax.slice(array, lo, hi, step)
+        begin, size = [zero] * array.ndim, list(array.shape)
+        for k, axis in zip(stack, stack_span):
+            begin[axis], size[axis] = rest[k], sizes[k]
+        return jax.lax.dynamic_slice(array, begin, size)
+
+    return _relayout(target.adapter, dataclasses.replace(layout, weight_shape=new_shape), per_field)
 
 
 # -- higher-order primitives ---------------------------------------------------------
@@ -600,6 +778,24 @@ def _passthrough_carry(carry_in: list, carry_out: list) -> set[int]:
     return {k for k, (var_in, var_out) in enumerate(zip(carry_in, carry_out)) if var_in is var_out}
 
 
+def _scan_slice(target: Target, ctx: _Context) -> Any:
+    """A target scanned over its first axis: every array of both kinds sliced alike.
+
+    ``lax.scan`` slices axis 0 of each array leaf and rebuilds the value with the
+    static data given here, so only that static data (shape, layout) is made per slice.
+    """
+    weight = target.weight.scanned()
+    if weight is None or (target.adapter is not None and target.kinds[0] != "S"):
+        return ctx.materialize(target)
+    if target.adapter is None:
+        return Target(weight, None, target.path)
+    layout = target.adapter.layout
+    inner = _layout_from(layout.weight_shape[1:], layout.kinds()[1:])
+    if inner is None:
+        return ctx.materialize(target)
+    return Target(weight, dataclasses.replace(target.adapter, layout=inner), target.path)
+
+
 def _scan(eqn, invals, ctx):
     params = eqn.params
     closed = params["jaxpr"]
@@ -612,18 +808,9 @@ def _scan(eqn, invals, ctx):
         body_jaxpr.invars[n_consts : n_consts + n_carry],
         body_jaxpr.outvars[:n_carry],
     )
-    fixed = {
-        k: init[k] for k in range(n_carry) if isinstance(init[k], LoraValue) and k in invariant
-    }
+    fixed = {k: init[k] for k in range(n_carry) if isinstance(init[k], Target) and k in invariant}
     loop_init = [None if k in fixed else ctx.materialize(v) for k, v in enumerate(init)]
-    sliced = []
-    for value in xs:
-        if isinstance(value, LoraValue):
-            if value.kinds[0] != "S":
-                value = ctx.materialize(value)
-            else:  # scan slices axis 0 of w, a and b alike: the first stack axis.
-                value = dataclasses.replace(value, kinds=value.kinds[1:])
-        sliced.append(value)
+    sliced = [_scan_slice(v, ctx) if isinstance(v, Target) else v for v in xs]
     length = params["length"]
     keyed = ctx.key is not None
     if keyed:
@@ -656,9 +843,7 @@ def _while(eqn, invals, ctx):
     cond_closed, body_closed = params["cond_jaxpr"], params["body_jaxpr"]
     n_carry = len(init)
     invariant = _passthrough_carry(body_closed.jaxpr.invars[n_body:], body_closed.jaxpr.outvars)
-    fixed = {
-        k: init[k] for k in range(n_carry) if isinstance(init[k], LoraValue) and k in invariant
-    }
+    fixed = {k: init[k] for k in range(n_carry) if isinstance(init[k], Target) and k in invariant}
     keyed = ctx.key is not None
     loop_key = ctx.next_key() if keyed else None
 
@@ -686,7 +871,7 @@ def _while(eqn, invals, ctx):
 
 def _cond(eqn, invals, ctx):
     index, *operands = invals
-    if isinstance(index, LoraValue):
+    if isinstance(index, Target):
         return None
 
     def branch_fn(closed):
@@ -700,19 +885,19 @@ def _cond(eqn, invals, ctx):
 
 
 _RULES: dict[Any, Callable] = {
-    P.dot_general_p: _dot_general,
-    P.conv_general_dilated_p: _conv,
-    P.gather_p: _gather,
-    P.transpose_p: _transpose,
-    P.reshape_p: _regroup,
-    P.squeeze_p: _regroup,
-    P.broadcast_in_dim_p: _broadcast_in_dim,
-    P.convert_element_type_p: _convert,
-    P.copy_p: _on_weight_only,
-    P.sharding_constraint_p: _on_weight_only,
-    P.reduce_precision_p: _on_weight_only,
-    P.slice_p: _slice,
-    P.dynamic_slice_p: _dynamic_slice,
+    P.dot_general_p: _contraction(DotUse.decode),
+    P.conv_general_dilated_p: _contraction(ConvUse.decode),
+    P.gather_p: _contraction(GatherUse.decode),
+    P.transpose_p: _layout_rule(_adapter_transpose),
+    P.reshape_p: _layout_rule(_adapter_regroup),
+    P.squeeze_p: _layout_rule(_adapter_regroup),
+    P.broadcast_in_dim_p: _layout_rule(_adapter_broadcast),
+    P.convert_element_type_p: _layout_rule(_adapter_cast),
+    P.copy_p: _layout_rule(_adapter_same),
+    P.sharding_constraint_p: _layout_rule(_adapter_same),
+    P.reduce_precision_p: _layout_rule(_adapter_same),
+    P.slice_p: _layout_rule(_adapter_slice),
+    P.dynamic_slice_p: _layout_rule(_adapter_slice),
     P.jit_p: _inline,
     P.closed_call_p: _inline,
     P.custom_jvp_call_p: _inline,
@@ -738,6 +923,7 @@ def run(
     *,
     key: Array | None = None,
     counts: dict | None = None,
+    kinds: dict | None = None,
     cache: dict | None = None,
     fast_backward: bool | None = None,
 ) -> Any:
@@ -746,6 +932,8 @@ def run(
     ``fast_backward`` (default: on for the CPU backend) routes plain projections through
     :func:`jlora._lowrank.lowrank`, whose custom VJP orders the backward products for
     XLA's fast GEMM path; being a ``custom_vjp``, it has no forward-mode derivative.
+    ``counts`` and ``kinds``, when given, are filled per target path with the use counts
+    and the ``(weight kind, adapter kind)`` pair (for :func:`jlora.explain`).
     """
     if fast_backward is None:
         fast_backward = jax.default_backend() == "cpu"
@@ -758,13 +946,16 @@ def run(
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):
         node = nodes.get(path)
-        inputs.append(
-            LoraValue.from_adapter(leaf, node, path) if isinstance(node, LoraAdapter) else leaf
-        )
-    if counts is not None:
-        for path, node in nodes.items():
-            if isinstance(node, LoraAdapter):
+        adapter = node if isinstance(node, LoraAdapter) else None
+        if adapter is not None or isinstance(leaf, WeightNode):
+            target = grouped_target(leaf, adapter, path)
+            inputs.append(target)
+            if counts is not None:
                 counts.setdefault(path, [0, 0])
+            if kinds is not None:
+                kinds[path] = (target.weight.KIND, adapter.KIND if adapter is not None else "-")
+        else:
+            inputs.append(leaf)
     outs = evaluate(traced.jaxpr.jaxpr, traced.jaxpr.consts, inputs + traced.arg_leaves, ctx)
     outs = [ctx.materialize(o) for o in outs]
     return jax.tree_util.tree_unflatten(traced.out_tree, outs)
@@ -772,5 +963,5 @@ def run(
 
 def _replace_leaves(params: Params, replacements: dict[Path, Any]) -> Params:
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: replacements.get(path_str(kp), leaf), params
+        lambda kp, leaf: replacements.get(path_str(kp), leaf), params, is_leaf=is_weight_node
     )

@@ -10,12 +10,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._adapter import Layout, LoraAdapter
+from jlora._adapter import DoraAdapter, Layout, LoraAdapter, wide_float
 from jlora._layout import discover
 from jlora._paths import describe, leaves_with_paths, shape_of
 from jlora._spec import LoraSpec, callable_selector
 from jlora._tree import build_like
 from jlora._types import Adapters, Array, Params, Path
+from jlora._weights import dense_of, is_weight_node
 
 
 def init(
@@ -92,14 +93,17 @@ def init(
                 f"{list(layout.weight_shape)}; lower LoraSpec.rank or set rank_pattern"
             )
         factor_dtype = _factor_dtype(leaf, dtype)
-        nodes[path] = LoraAdapter(
+        node = LoraAdapter(
             lora_a=_init_a(spec.init, leaf_key, layout, rank, factor_dtype),
             lora_b=jnp.zeros(layout.b_shape(rank), factor_dtype),
             scale=spec.scale_for(path),
             layout=layout,
             dropout=float(spec.dropout),
         )
-    for path, leaf in leaves_with_paths(params):
+        if spec.dora:
+            node = DoraAdapter(**vars(node), magnitude=_column_norms(leaf, layout, factor_dtype))
+        nodes[path] = node
+    for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):
         if path not in nodes and spec.is_trainable(path, leaf):
             nodes[path] = jnp.array(leaf, copy=True)
     return build_like(params, nodes)
@@ -115,8 +119,11 @@ def _layouts(targets, params, fn, args, kwargs, spec_targets) -> dict[Path, Layo
     layouts = {}
     for path, leaf in targets:
         shape = shape_of(leaf)
+        own = getattr(leaf, "layout", None)  # a quantized weight knows its layout
         if path in found:
             layouts[path] = found[path]
+        elif isinstance(own, Layout) and not getattr(leaf, "ops", ()):
+            layouts[path] = own
         elif len(shape) == 2:
             layouts[path] = Layout.dense(shape)
         elif fn is None:
@@ -133,6 +140,18 @@ def _layouts(targets, params, fn, args, kwargs, spec_targets) -> dict[Path, Layo
                 "computation. Exclude it from the targets."
             )
     return layouts
+
+
+def _column_norms(leaf: Any, layout: Layout, dtype: Any) -> Array:
+    """DoRA's initial magnitude: ``‖W‖`` over the input axes, ``(*stack, out_features)``."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise ValueError(
+            "LoraSpec(dora=True) needs the weights themselves to start the magnitude at "
+            "their column norms; jlora.init got an abstract jax.ShapeDtypeStruct"
+        )
+    weight = dense_of(leaf)
+    grouped = layout.to_grouped(weight.astype(wide_float(weight.dtype)))
+    return jnp.sqrt(jnp.sum(grouped * grouped, axis=-2)).astype(dtype)
 
 
 def _factor_dtype(leaf: Any, dtype: Any) -> Any:

@@ -16,43 +16,18 @@ from typing import Any
 from jax.extend import core as jcore
 
 from jlora._adapter import Layout
+from jlora._primitives import (
+    conv_kernel_axes,
+    cut_axes,
+    dot_axes,
+    gather_lookup_axes,
+    is_expand_dims,
+    reshape_segments,
+    slice_extent,
+)
 from jlora._types import Path
 
 P = jcore.primitives
-
-
-def reshape_segments(
-    old_shape: Sequence[int], new_shape: Sequence[int]
-) -> list[tuple[list[int], list[int]]] | None:
-    """Pair groups of non-unit old axes with the new axes a reshape turns them into.
-
-    Returns ``[(old_axes, new_axes), ...]`` covering every axis of size > 1, or None
-    when the shapes do not factor into such groups.
-    """
-    old = [(i, d) for i, d in enumerate(old_shape) if d != 1]
-    new = [(j, d) for j, d in enumerate(new_shape) if d != 1]
-    segments, i, j = [], 0, 0
-    while i < len(old) and j < len(new):
-        old_axes, new_axes = [old[i][0]], [new[j][0]]
-        old_size, new_size = old[i][1], new[j][1]
-        while old_size != new_size:
-            if old_size < new_size:
-                i += 1
-                if i >= len(old):
-                    return None
-                old_axes.append(old[i][0])
-                old_size *= old[i][1]
-            else:
-                j += 1
-                if j >= len(new):
-                    return None
-                new_axes.append(new[j][0])
-                new_size *= new[j][1]
-        segments.append((old_axes, new_axes))
-        i, j = i + 1, j + 1
-    if i != len(old) or j != len(new):
-        return None
-    return segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +35,7 @@ class _View:
     path: Path
     axes: tuple[frozenset, ...]  # per current axis: original weight axes it holds
     stacked: frozenset = frozenset()  # original axes sliced away (scan, indexing)
+    cut: frozenset = frozenset()  # original axes a slice cut: these must be stack axes
 
 
 @dataclasses.dataclass
@@ -85,6 +61,8 @@ class _Walker:
     def propose(self, view: _View, kind: str, inputs, outputs, stack=frozenset()):
         inputs, outputs = frozenset(inputs), frozenset(outputs)
         stack = frozenset(stack) | view.stacked
+        if view.cut - stack:  # a slice cut an axis this use does not batch: no rule fits
+            return
         if inputs & outputs or inputs & stack or outputs & stack or not inputs or not outputs:
             return
         self.proposals.setdefault(view.path, []).append(_Proposal(kind, stack, inputs, outputs))
@@ -131,52 +109,55 @@ class _Walker:
                     axes[a] = merged
             dropped = frozenset().union(*(view.axes[a] for a, d in enumerate(old_shape) if d == 1))
             return [
-                _View(view.path, tuple(axes), view.stacked | (dropped - frozenset().union(*axes)))
+                _View(
+                    view.path,
+                    tuple(axes),
+                    view.stacked | (dropped - frozenset().union(*axes)),
+                    view.cut,
+                )
             ]
         if prim is P.broadcast_in_dim_p:
             old_shape = eqn.invars[0].aval.shape
             new_shape = eqn.outvars[0].aval.shape
             dims = params["broadcast_dimensions"]
-            if any(old_shape[i] != new_shape[d] for i, d in enumerate(dims)):
-                return none
-            if any(new_shape[d] != 1 for d in range(len(new_shape)) if d not in dims):
+            if not is_expand_dims(old_shape, new_shape, dims):
                 return none
             axes = [frozenset()] * len(new_shape)
             for i, d in enumerate(dims):
                 axes[d] = view.axes[i]
             return [dataclasses.replace(view, axes=tuple(axes))]
         if prim in (P.slice_p, P.dynamic_slice_p):
-            return [view] if view is not None else none
+            if view is None:
+                return none
+            # As in the engine: only stack axes may be cut (indexing a layer of a stacked
+            # weight); an axis cut here is a stack axis of the weight.
+            starts, sizes, strides = slice_extent(eqn)
+            cut = cut_axes(eqn.invars[0].aval.shape, starts, sizes, strides)
+            cut_original = frozenset().union(*(view.axes[a] for a in cut))
+            return [dataclasses.replace(view, cut=view.cut | cut_original)]
         if prim is P.dot_general_p:
-            (lc, rc), (lb, rb) = params["dimension_numbers"]
-            for side, (contract, batch) in enumerate(((lc, lb), (rc, rb))):
+            for side in (0, 1):
                 if views[side] is not None:
                     v = views[side]
+                    contract, batch, free = dot_axes(params["dimension_numbers"], side, len(v.axes))
                     ins = frozenset().union(*(v.axes[a] for a in contract))
                     stack = frozenset().union(*(v.axes[a] for a in batch))
-                    free = [a for a in range(len(v.axes)) if a not in contract and a not in batch]
                     outs = frozenset().union(*(v.axes[a] for a in free))
                     self.propose(v, "dot", ins, outs, stack)
             return none
         if prim is P.conv_general_dilated_p:
             if len(views) > 1 and views[1] is not None:
                 v = views[1]
-                rhs_spec = params["dimension_numbers"].rhs_spec
-                outs = v.axes[rhs_spec[0]]
-                ins = frozenset().union(*(v.axes[a] for a in rhs_spec[1:]))
+                out_feature, others = conv_kernel_axes(params["dimension_numbers"], len(v.axes))
+                outs = v.axes[out_feature]
+                ins = frozenset().union(*(v.axes[a] for a in others))
                 self.propose(v, "conv", ins, outs)
             return none
         if prim is P.gather_p:
             if view is not None:
                 dims = params["dimension_numbers"]
                 shape, sizes = eqn.invars[0].aval.shape, params["slice_sizes"]
-                # An axis sliced whole is not looked up, even with a start index (``vmap``
-                # of a row lookup, as in Equinox's Embedding, indexes every axis).
-                looked_up = [
-                    a
-                    for a in dims.start_index_map
-                    if sizes[a] != shape[a] or a in dims.collapsed_slice_dims
-                ]
+                looked_up = gather_lookup_axes(dims, shape, sizes)
                 ins = frozenset().union(*(view.axes[a] for a in looked_up))
                 rest = [a for a in range(len(view.axes)) if a not in looked_up]
                 outs = frozenset().union(*(view.axes[a] for a in rest))
@@ -198,7 +179,7 @@ class _Walker:
             inner = []
             for i, view in enumerate(views):
                 if view is not None and i >= n_fixed:
-                    view = _View(view.path, view.axes[1:], view.stacked | view.axes[0])
+                    view = _View(view.path, view.axes[1:], view.stacked | view.axes[0], view.cut)
                 inner.append(view)
             self.walk(params["jaxpr"].jaxpr, inner)
             return None

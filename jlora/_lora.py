@@ -78,7 +78,9 @@ def explain(
     operation other than a matmul, convolution, lookup or layout change).
 
     Returns:
-      ``{path: Uses(factored, materialized)}``, printed as a table.
+      ``{path: Uses(factored, materialized)}``, printed as a table that also shows each
+      target's weight kind (``dense``, ``nf4``, ``int8``) and adapter kind (``lora``,
+      ``dora``); ``.kinds`` holds those pairs by path.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -90,7 +92,12 @@ def explain(
     import jax
 
     counts: dict = {}
+    kinds: dict = {}
     jax.eval_shape(
-        lambda p, a, ar, kw: run(fn, p, a, ar, kw, counts=counts), params, adapters, args, kwargs
+        lambda p, a, ar, kw: run(fn, p, a, ar, kw, counts=counts, kinds=kinds),
+        params,
+        adapters,
+        args,
+        kwargs,
     )
-    return Explanation({path: Uses(*c) for path, c in counts.items()})
+    return Explanation({path: Uses(*c) for path, c in counts.items()}, kinds=kinds)

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from jlora._adapter import LoraAdapter
-from jlora._engine import add_delta
 from jlora._paths import path_str
 from jlora._tree import match
 from jlora._types import Adapters, Array, Params
+from jlora._weights import WeightNode, is_weight_node
 
 
 def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) -> Params:
@@ -22,13 +22,18 @@ def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) 
             return weight
         if not isinstance(node, LoraAdapter):  # a trainable copy replaces the base leaf
             return node if sign > 0 else weight
-        delta = node.delta()
-        out = add_delta(weight, delta if sign > 0 else -delta)
+        if isinstance(weight, WeightNode):
+            raise ValueError(
+                f"merge: the weight at {path!r} is a quantized {weight.KIND} node; merging "
+                "into it would lose the adapter's precision. Dequantize first: "
+                "jlora.merge(jlora.dequantize(params), adapters)"
+            )
+        out = node.merge_into(weight) if sign > 0 else node.unmerge_from(weight)
         if check_finite:
             _check_finite(path, out)
         return _keep_sharding(out, weight)
 
-    return jax.tree_util.tree_map_with_path(update, params)
+    return jax.tree_util.tree_map_with_path(update, params, is_leaf=is_weight_node)
 
 
 def _keep_sharding(out: Array, weight: Array) -> Array:
@@ -50,6 +55,10 @@ def _check_finite(path: str, out: Array) -> None:
 
 def merge(params: Params, adapters: Adapters, *, check_finite: bool = False) -> Params:
     """``W + scale * B·A`` at every adapted leaf; other leaves returned as they are.
+
+    A DoRA adapter gives ``(m / n) ⊙ (W + scale * A·B)``, with the norm ``n`` detached
+    from the gradient as in :func:`jlora.lora`, so ``fn(merge(p, a))`` and
+    ``lora(fn)(p, a)`` agree in values and in gradients.
 
     Each merged leaf keeps its dtype (the sum is formed in float32 or wider) and, for
     concrete arrays, its sharding. Trainable copies in ``adapters`` replace their
@@ -83,6 +92,10 @@ def unmerge(params: Params, adapters: Adapters, *, check_finite: bool = False) -
 
     Trainable copies cannot be un-merged (their base values are gone); those leaves
     are returned unchanged.
+
+    Raises:
+      ValueError: a DoRA adapter: its merged weight no longer holds the norm needed to
+        take it back out (keep the base instead).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora

@@ -8,16 +8,18 @@ from typing import Any
 import jax
 import optax
 
-from jlora._adapter import LoraAdapter, is_adapter
+from jlora._adapter import KINDS, LoraAdapter, is_adapter
 from jlora._paths import leaves_with_paths, path_str
 from jlora._spec import _matches
 from jlora._types import Adapters, Params, Selector
+from jlora._weights import is_weight_node
 
 
 def labels(adapters: Adapters, trainable: Selector | None = None) -> Adapters:
     """Label every array of the adapters tree for ``optax.partition``.
 
-    ``"lora_a"`` / ``"lora_b"`` for the factors; for trainable copies of base leaves,
+    Each array of an adapter node is labelled by its field name (``"lora_a"``,
+    ``"lora_b"``, and ``"magnitude"`` for DoRA); trainable copies of base leaves get
     ``"trainable"`` if ``trainable`` is None or names them, else ``"frozen"``.
 
     Example:
@@ -28,16 +30,17 @@ def labels(adapters: Adapters, trainable: Selector | None = None) -> Adapters:
       'lora_b'
     """
 
-    def label(key_path, leaf):
+    def label(key_path, node):
+        if node is None:
+            return None
+        if is_adapter(node):  # each array labelled by its field name
+            return node.with_arrays(**{name: name for name in node.SIGNATURES})
         path = path_str(key_path)
-        last = key_path[-1] if key_path else None
-        if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("lora_a", "lora_b"):
-            return last.name
-        if trainable is None or _matches(trainable, path, leaf, need_matrix=False):
+        if trainable is None or _matches(trainable, path, node, need_matrix=False):
             return "trainable"
         return "frozen"
 
-    return jax.tree_util.tree_map_with_path(label, adapters)
+    return jax.tree_util.tree_map_with_path(label, adapters, is_leaf=is_adapter)
 
 
 def optimizer(
@@ -49,9 +52,10 @@ def optimizer(
 ) -> optax.GradientTransformation:
     """``optax.partition`` over the adapters tree.
 
-    ``tx`` trains A; B gets ``tx`` followed by ``optax.scale(lora_plus_ratio)`` (LoRA+:
-    for optimizers whose update is linear in the learning rate, Adam and SGD among
-    them, this is B's learning rate times the ratio). Trainable copies of base
+    ``tx`` trains A (and a DoRA magnitude); B gets ``tx`` followed by
+    ``optax.scale(lora_plus_ratio)`` (LoRA+: for optimizers whose update is linear in
+    the learning rate, Adam and SGD among them, this is B's learning rate times the
+    ratio; LoRA+ scales B only). Trainable copies of base
     leaves (``LoraSpec.trainable``) train with ``tx`` when ``trainable`` is None or
     names them; others are frozen.
 
@@ -85,19 +89,17 @@ def optimizer(
             "adapters with LoraSpec(trainable=...) before jlora.init."
         )
     b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(float(lora_plus_ratio)))
-    transforms = {
-        "lora_a": tx,
-        "lora_b": b_tx,
-        "trainable": tx,
-        "frozen": optax.set_to_zero(),
-    }
+    transforms = {name: tx for kind in KINDS.values() for name in kind.SIGNATURES}
+    transforms.update({"lora_b": b_tx, "trainable": tx, "frozen": optax.set_to_zero()})
     # A callable, not the tree itself: optax would call a callable tree (an Equinox
     # module is one) as if it were the labelling function.
     return optax.partition(transforms, lambda _: tree_labels)
 
 
 def _count(tree: Any) -> int:
-    return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+    """Parameters held by a tree: a quantized weight counts as the weights it stands for."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_weight_node)
+    return sum(math.prod(getattr(x, "shape", ())) for x in leaves)
 
 
 def summary(params: Params, adapters: Adapters) -> str:

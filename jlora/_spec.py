@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +10,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._adapter import NOT_WEIGHTS, lora_scale
 from jlora._paths import describe, leaves_with_paths, shape_of
 from jlora._types import Params, Path, Selector
+from jlora._weights import is_weight_node
 
 _INITS = ("kaiming", "gaussian")
 
@@ -63,6 +64,9 @@ class LoraSpec:
       trainable: base leaves trained in full beside the adapters (a classifier
         head, biases: PEFT's ``modules_to_save``), in any of the forms of ``targets``;
         ``jlora.init`` puts a copy of each in the adapters tree.
+      dora: DoRA (weight-decomposed LoRA): each adapter also trains a magnitude per
+        output feature, ``W' = (m / ‖W + s·A·B‖) ⊙ (W + s·A·B)``, with ``m`` starting at
+        the weight's column norms (PEFT's ``use_dora``).
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -80,6 +84,7 @@ class LoraSpec:
     rank_pattern: Mapping[str, int] | None = None
     alpha_pattern: Mapping[str, float] | None = None
     trainable: Selector | None = None
+    dora: bool = False
 
     def __post_init__(self):
         if self.targets is None:
@@ -93,6 +98,8 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.rank must be a positive integer; found {self.rank!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1); found {self.dropout!r}")
+        if not isinstance(self.dora, (bool, np.bool_)):
+            raise TypeError(f"LoraSpec.dora must be a bool; found {self.dora!r}")
         if self.init not in _INITS:
             raise ValueError(f"LoraSpec.init must be one of {_INITS}; found {self.init!r}")
         for field in ("rank_pattern", "alpha_pattern"):
@@ -120,8 +127,7 @@ class LoraSpec:
     def scale_for(self, path: Path) -> float:
         """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) at ``path``."""
         rank = self.rank_for(path)
-        denominator = math.sqrt(rank) if self.rslora else rank
-        return self.alpha_for(path) / denominator
+        return lora_scale(self.alpha_for(path), rank, self.rslora)
 
     # -- matching ----------------------------------------------------------------------
 
@@ -144,7 +150,7 @@ class LoraSpec:
           ValueError: nothing matches (the message lists candidate paths), or a
             targeted leaf is not a floating-point array (integer or quantized).
         """
-        leaves = leaves_with_paths(params)
+        leaves = leaves_with_paths(params, is_leaf=is_weight_node)
         chosen = [(path, leaf) for path, leaf in leaves if self.is_target(path, leaf)]
         if not chosen:
             candidates = [p for p, leaf in leaves if _eligible(leaf, p)] or [p for p, _ in leaves]
@@ -207,8 +213,6 @@ def callable_selector(selector: Any) -> bool:
     return callable(selector) and not isinstance(selector, str)
 
 
-# Leaf names that are never matrices to adapt, even when a scanned model stacks them.
-_NOT_WEIGHTS = frozenset({"bias", "scale", "b"})
 
 
 def _leaf_name(path: Path) -> str:
@@ -224,7 +228,7 @@ def _is_floating(leaf: Any) -> bool:
 
 
 def _eligible(leaf: Any, path: Path | None = None) -> bool:
-    if path is not None and _leaf_name(path) in _NOT_WEIGHTS:
+    if path is not None and _leaf_name(path) in NOT_WEIGHTS:
         return False
     return _is_floating(leaf) and len(shape_of(leaf)) >= 2
 

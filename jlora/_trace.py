@@ -12,11 +12,22 @@ from jax.extend import core as jcore
 
 from jlora._paths import path_str
 from jlora._types import Path
+from jlora._weights import WeightNode, is_weight_node
 
 
 def is_dynamic(leaf: Any) -> bool:
-    """Array-like leaves are traced; anything else (flags, strings, functions) is static."""
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+    """Array-like leaves are traced; anything else (flags, strings, functions) is static.
+
+    An encoded weight (:class:`jlora._weights.WeightNode`) is one traced leaf: ``fn``
+    sees an array of the shape and dtype it stands for.
+    """
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, WeightNode))
+
+
+def _abstract(leaf: Any) -> Any:
+    if isinstance(leaf, WeightNode):
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+    return leaf
 
 
 @dataclasses.dataclass
@@ -31,10 +42,17 @@ class Traced:
     out_tree: Any
 
 
+def _aval_key(leaf: Any) -> Any:
+    if isinstance(leaf, WeightNode):  # its structure (static data) and its arrays' avals
+        flat, tree = jax.tree_util.tree_flatten(leaf)
+        return (tree, tuple(jax.typeof(x) for x in flat))
+    return jax.typeof(leaf)
+
+
 def _signature(trees: tuple, masks: tuple, static: tuple, dynamic: list) -> Any:
     """A hashable key of everything a trace depends on, or None if there is none."""
     try:
-        avals = tuple(jax.typeof(x) for x in dynamic)
+        avals = tuple(_aval_key(x) for x in dynamic)
         key = (
             trees,
             masks,
@@ -58,7 +76,7 @@ def trace(
     With ``cache``, a trace is reused for inputs of the same structure, avals and static
     leaves (as ``jax.jit`` reuses its traces: ``fn`` must be pure).
     """
-    param_flat, param_tree = jax.tree_util.tree_flatten_with_path(params)
+    param_flat, param_tree = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_node)
     param_mask = [is_dynamic(leaf) for _, leaf in param_flat]
     param_static = [leaf for _, leaf in param_flat]
     param_dynamic = [leaf for (_, leaf), dyn in zip(param_flat, param_mask) if dyn]
@@ -96,7 +114,8 @@ def trace(
         )
         return fn(params_tree, *call_args, **call_kwargs)
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_dynamic, arg_dynamic)
+    abstract_params = [_abstract(x) for x in param_dynamic]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(abstract_params, arg_dynamic)
     out_tree = jax.tree_util.tree_structure(out_shape)
     avals = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in param_dynamic]
     traced = Traced(closed, param_paths, avals, param_dynamic, arg_dynamic, out_tree)

@@ -10,6 +10,7 @@ import jax
 from jlora._adapter import LoraAdapter, is_adapter
 from jlora._paths import describe, leaves_with_paths, path_str, shape_of
 from jlora._types import Adapters, Params, Path
+from jlora._weights import is_weight_node
 
 try:  # FrozenDict trees (older Flax code) are pruned like dicts.
     from flax.core import FrozenDict
@@ -23,7 +24,7 @@ def build_like(params: Params, nodes: Mapping[Path, Any]) -> Adapters:
     Other leaves become ``None`` (an empty pytree), and dict branches left empty are
     pruned, so a Flax/Hugging Face tree keeps only the targeted branches.
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_node)
     leaves = [nodes.get(path_str(kp)) for kp, _ in flat]
     return _prune(jax.tree_util.tree_unflatten(treedef, leaves))
 
@@ -53,7 +54,7 @@ def match(params: Params, adapters: Adapters) -> dict[Path, Any]:
         shape than the adapter was made for; the message names the path and both
         shapes.
     """
-    param_leaves = dict(leaves_with_paths(params))
+    param_leaves = dict(leaves_with_paths(params, is_leaf=is_weight_node))
     nodes = {}
     for path, node in adapter_items(adapters):
         if path not in param_leaves:
@@ -66,20 +67,18 @@ def match(params: Params, adapters: Adapters) -> dict[Path, Any]:
         weight = param_leaves[path]
         if isinstance(node, LoraAdapter):
             expected = node.layout.weight_shape
-            rank = node.lora_a.shape[-1]
             if shape_of(weight) != tuple(expected):
                 raise ValueError(
                     f"adapter at {path!r} was made for a weight of shape {list(expected)} "
                     f"but params has {describe(weight)} there: these adapters belong to "
                     "another model"
                 )
-            a_shape, b_shape = node.layout.a_shape(rank), node.layout.b_shape(rank)
-            if shape_of(node.lora_a) != a_shape or shape_of(node.lora_b) != b_shape:
-                raise ValueError(
-                    f"adapter at {path!r} has lora_a {describe(node.lora_a)} and lora_b "
-                    f"{describe(node.lora_b)}; its layout needs {list(a_shape)} and "
-                    f"{list(b_shape)}"
-                )
+            expected_shapes = node.expected_shapes()
+            for name, array in node.arrays().items():
+                if shape_of(array) != expected_shapes[name]:
+                    found = ", ".join(f"{k} {describe(v)}" for k, v in node.arrays().items())
+                    need = ", ".join(f"{k} {list(v)}" for k, v in expected_shapes.items())
+                    raise ValueError(f"adapter at {path!r} has {found}; its layout needs {need}")
         elif shape_of(node) != shape_of(weight):
             raise ValueError(
                 f"trainable leaf at {path!r} has shape {describe(node)} but params has "

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jlora._adapter import Layout, LoraAdapter, is_adapter
+from jlora._adapter import KINDS, Layout, LoraAdapter, is_adapter
 from jlora._paths import describe, path_str, shape_of
 from jlora._spec import LoraSpec
 from jlora._tree import adapter_items
@@ -143,7 +143,7 @@ def save(
 
 def _arrays_of(node: Any) -> Any:
     if isinstance(node, LoraAdapter):
-        return {"lora_a": node.lora_a, "lora_b": node.lora_b}
+        return node.arrays()
     return node
 
 
@@ -179,14 +179,13 @@ def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
             entries.append(
                 {
                     "path": path,
-                    "kind": "lora",
+                    "kind": node.KIND,
                     "rank": node.rank,
                     "scale": float(node.scale),
                     "dropout": float(node.dropout),
                     "layout": node.layout.to_dict(),
                     "dtype": {
-                        "lora_a": str(jnp.dtype(node.lora_a.dtype)),
-                        "lora_b": str(jnp.dtype(node.lora_b.dtype)),
+                        name: str(jnp.dtype(array.dtype)) for name, array in node.arrays().items()
                     },
                 }
             )
@@ -417,7 +416,7 @@ def load(
 def _spec_from(metadata: Mapping[str, Any]) -> LoraSpec:
     data = dict(metadata["spec"])
     entries = metadata["entries"]
-    lora_paths = [e["path"] for e in entries if e["kind"] == "lora"]
+    lora_paths = [e["path"] for e in entries if e["kind"] in KINDS]
     copies = [e["path"] for e in entries if e["kind"] == "trainable"]
     targets = _paths_regex(lora_paths) if isinstance(data.get("targets"), dict) else None
     spec = LoraSpec.from_dict(data, targets=targets)
@@ -436,9 +435,12 @@ def _default_target(entry: Mapping[str, Any]) -> Any:
         return jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]))
     layout = Layout.from_dict(entry["layout"])
     rank = int(entry["rank"])
+    kind = KINDS[entry["kind"]]
     return {
-        "lora_a": jax.ShapeDtypeStruct(layout.a_shape(rank), jnp.dtype(entry["dtype"]["lora_a"])),
-        "lora_b": jax.ShapeDtypeStruct(layout.b_shape(rank), jnp.dtype(entry["dtype"]["lora_b"])),
+        name: jax.ShapeDtypeStruct(
+            kind.field_shape(name, layout, rank), jnp.dtype(entry["dtype"][name])
+        )
+        for name in kind.SIGNATURES
     }
 
 
@@ -456,11 +458,16 @@ def _targets_like(like: Adapters, entries: Mapping[Path, Any], path: epath.Path)
     for leaf_path, node in items:
         entry = entries[leaf_path]
         saved = _default_target(entry)
-        if entry["kind"] == "lora":
-            if not isinstance(node, LoraAdapter):
+        if entry["kind"] in KINDS:
+            if not isinstance(node, LoraAdapter) or node.KIND != entry["kind"]:
+                found = (
+                    f"a {node.KIND} adapter"
+                    if isinstance(node, LoraAdapter)
+                    else (f"a {describe(node)} leaf")
+                )
                 raise ValueError(
-                    f"load(like=...): the checkpoint has an adapter at {leaf_path!r} but "
-                    f"like has a {describe(node)} leaf there"
+                    f"load(like=...): the checkpoint has a {entry['kind']} adapter at "
+                    f"{leaf_path!r} but like has {found} there"
                 )
             layout = Layout.from_dict(entry["layout"])
             if node.layout != layout:
@@ -469,7 +476,7 @@ def _targets_like(like: Adapters, entries: Mapping[Path, Any], path: epath.Path)
                     f"of shape {list(layout.weight_shape)} with layout {layout}, but like "
                     f"has {node.layout}"
                 )
-            like_arrays = {"lora_a": node.lora_a, "lora_b": node.lora_b}
+            like_arrays = node.arrays()
         else:
             like_arrays = node
         saved_leaves = jax.tree_util.tree_leaves(saved)
@@ -507,9 +514,8 @@ def _node(entry: Mapping[str, Any], arrays: Any) -> Any:
     )
     if entry["kind"] == "trainable":
         return arrays
-    return LoraAdapter(
-        lora_a=arrays["lora_a"],
-        lora_b=arrays["lora_b"],
+    return KINDS[entry["kind"]](
+        **arrays,
         scale=float(entry["scale"]),
         layout=Layout.from_dict(entry["layout"]),
         dropout=float(entry["dropout"]),

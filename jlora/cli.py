@@ -175,14 +175,16 @@ def _describe_orbax(directory: str, step: int | None) -> dict[str, Any]:
     targets = []
     for entry in metadata["entries"]:
         node = nodes[entry["path"]]
-        if entry["kind"] == "lora":
+        if entry["kind"] != "trainable":
             rank, scale = int(entry["rank"]), float(entry["scale"])
-            denominator = math.sqrt(rank) if spec.rslora else rank
-            arrays = [node.lora_a, node.lora_b]
+            from jlora._adapter import scale_denominator
+
+            denominator = scale_denominator(rank, spec.rslora)
+            arrays = list(node.arrays().values())
             targets.append(
                 {
                     "path": entry["path"],
-                    "kind": "lora",
+                    "kind": entry["kind"],
                     "shape": list(node.layout.weight_shape),
                     "rank": rank,
                     "alpha": scale * denominator,
@@ -244,8 +246,9 @@ def _peft_scale(config: dict[str, Any], module: str) -> tuple[int, float, float]
 
     rank = int(peft._peft_value(config.get("rank_pattern") or {}, module, config["r"]))
     alpha = float(peft._peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-    denominator = math.sqrt(rank) if config.get("use_rslora") else rank
-    return rank, alpha, alpha / denominator
+    from jlora._adapter import lora_scale
+
+    return rank, alpha, lora_scale(alpha, rank, bool(config.get("use_rslora")))
 
 
 def _describe_peft(directory: str) -> dict[str, Any]:
@@ -323,7 +326,7 @@ def _format_report(report: dict[str, Any]) -> str:
     ]
     rows = [("path", "kind", "shape", "rank", "alpha", "scale", "dtype", "|scale·A·B|_F")]
     for target in report["targets"]:
-        lora = target["kind"] == "lora"
+        lora = target["kind"] != "trainable"
         rows.append(
             (
                 target["path"],

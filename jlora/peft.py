@@ -46,13 +46,30 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from jlora._adapter import Layout, LoraAdapter
-from jlora._paths import describe, leaves_with_paths, shape_of
+from jlora._adapter import (
+    NOT_WEIGHTS,
+    DoraAdapter,
+    Layout,
+    LoraAdapter,
+    lora_scale,
+    scale_denominator,
+)
+from jlora._paths import describe, leaves_with_paths, path_str, shape_of
 from jlora._spec import LoraSpec
 from jlora._tree import adapter_items, build_like
 from jlora._types import Adapters, Params, Path
+from jlora._weights import is_weight_node
 
-__all__ = ["CONFIG_NAME", "KEY_MAPS", "VLLM_RANKS", "WEIGHTS_NAME", "KeyMap", "load", "save"]
+__all__ = [
+    "CONFIG_NAME",
+    "KEY_MAPS",
+    "VLLM_RANKS",
+    "WEIGHTS_NAME",
+    "KeyMap",
+    "load",
+    "load_bnb_4bit",
+    "save",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -266,7 +283,7 @@ def save(
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple[Path, LoraAdapter]] = {}
     for path, node in items:
-        for name, a_in_r, b_r_out in _modules_of(path, node, key_map):
+        for name, a_in_r, b_r_out, magnitude in _modules_of(path, node, key_map):
             if name in modules:
                 raise ValueError(
                     f"adapters at {modules[name][0]!r} and {path!r} both map to the PyTorch "
@@ -280,6 +297,8 @@ def save(
             )
             tensors[f"{PREFIX}{name}.{a_name}"] = np.ascontiguousarray(a_in_r.T)
             tensors[f"{PREFIX}{name}.{b_name}"] = np.ascontiguousarray(b_r_out.T)
+            if magnitude is not None:  # DoRA: one value per output feature, as B's rows
+                tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(magnitude)
 
     config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
     os.makedirs(directory, exist_ok=True)
@@ -323,9 +342,11 @@ def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
             )
     lora_a = np.asarray(node.lora_a)
     lora_b = np.asarray(node.lora_b)
+    magnitude = np.asarray(node.magnitude) if isinstance(node, DoraAdapter) else None
     stack_shape = layout.stack_shape
     for index in np.ndindex(*stack_shape):
-        yield name.format(*index), lora_a[index], lora_b[index]
+        m = None if magnitude is None else magnitude[index]
+        yield name.format(*index), lora_a[index], lora_b[index], m
 
 
 def _number(value: float) -> float | int:
@@ -333,6 +354,12 @@ def _number(value: float) -> float | int:
 
 
 def _config(spec, modules, key_map, base_model_name_or_path, task_type) -> dict[str, Any]:
+    kinds = {type(node).KIND for _, node in modules.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            "PEFT's use_dora is one switch for the whole adapter; these adapters mix "
+            f"kinds {sorted(kinds)}: save the DoRA and the plain LoRA targets apart"
+        )
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float | int] = {}
     for name, (path, node) in sorted(modules.items()):
@@ -357,7 +384,7 @@ def _config(spec, modules, key_map, base_model_name_or_path, task_type) -> dict[
         "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        "use_dora": kinds == {"dora"},
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -369,7 +396,7 @@ def _config(spec, modules, key_map, base_model_name_or_path, task_type) -> dict[
 def _alpha_of(spec: LoraSpec, path: Path, node: LoraAdapter) -> float:
     """The alpha that gives ``node.scale`` at ``node.rank`` (the spec's own when it does)."""
     rank = node.rank
-    denominator = math.sqrt(rank) if spec.rslora else rank
+    denominator = scale_denominator(rank, spec.rslora)
     if spec.rank_for(path) == rank and math.isclose(spec.scale_for(path), node.scale):
         return spec.alpha_for(path)
     return node.scale * denominator
@@ -387,12 +414,12 @@ def _check_vllm(items, spec: LoraSpec) -> None:
                 f"vLLM does not load extra saved modules (PEFT modules_to_save): the "
                 f"adapters train the base leaf at {path!r}"
             )
-    if getattr(spec, "use_dora", False) or any(
-        getattr(node, "magnitude", None) is not None for _, node in items
-    ):
-        raise ValueError("vLLM does not load DoRA adapters (use_dora)")
-    denominator = math.sqrt(spec.rank) if spec.rslora else spec.rank
-    scale = spec.alpha / denominator
+    if spec.dora or any(isinstance(node, DoraAdapter) for _, node in items):
+        raise ValueError(
+            "vLLM does not load DoRA adapters (use_dora): merge them into the base "
+            "(jlora.merge) and serve the merged model, or train plain LoRA"
+        )
+    scale = lora_scale(spec.alpha, spec.rank, spec.rslora)
     for path, node in items:
         if node.rank not in VLLM_RANKS:
             raise ValueError(
@@ -448,7 +475,7 @@ def load(
     Raises:
       FileNotFoundError: a file is missing.
       ValueError: a malformed or truncated file (named), a feature jlora does not
-        load (DoRA, biases, ``modules_to_save``), a module no leaf of ``params`` maps
+        load (biases, ``modules_to_save``), a module no leaf of ``params`` maps
         to, or tensors whose shapes do not fit the weight (path and shapes named).
 
     Example:
@@ -470,7 +497,7 @@ def load(
     where = _locate(by_module, params, key_map, weights_file)
     _check_base_weights(base_weights, params, key_map, weights_file)
 
-    leaves = dict(leaves_with_paths(params))
+    leaves = dict(leaves_with_paths(params, is_leaf=is_weight_node))
     layouts = _load_layouts(where, leaves, params, key_map, fn, args, kwargs)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     rslora = bool(config.get("use_rslora", False))
@@ -498,6 +525,7 @@ def load(
         rslora=rslora,
         rank_pattern=spec_ranks or None,
         alpha_pattern=spec_alphas or None,
+        dora=bool(config.get("use_dora", False)),
     )
     return build_like(params, nodes), spec
 
@@ -521,8 +549,11 @@ def _read_config(directory) -> dict[str, Any]:
             raise ValueError(
                 f"{config_file}: expected a number for {field!r}, found {config.get(field)!r}"
             )
+    if not isinstance(config.get("use_dora", False), bool):
+        raise ValueError(
+            f"{config_file}: expected true or false for 'use_dora', found {config['use_dora']!r}"
+        )
     unsupported = {
-        "use_dora": "DoRA adapters (use_dora)",
         "lora_bias": "LoRA biases (lora_bias)",
         "modules_to_save": "extra saved modules (modules_to_save)",
         "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -561,6 +592,9 @@ def _read_tensors(directory) -> dict[str, np.ndarray]:
         ) from None
 
 
+MAGNITUDE = "lora_magnitude_vector"
+# PEFT writes Linear magnitudes without ``.weight`` and Embedding ones with it.
+_MAGNITUDE_KEY = re.compile(rf"base_model\.model\.(?P<module>.+)\.{MAGNITUDE}(?:\.weight)?")
 _BASE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)(?:\.base_layer)?\.weight")
 
 
@@ -575,8 +609,10 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
     for key, value in tensors.items():
         found = _KEY.fullmatch(key)
         if found is None:
-            if "lora_magnitude_vector" in key:
-                raise ValueError(f"{weights_file} holds DoRA magnitudes ({key!r}): not supported")
+            dora = _MAGNITUDE_KEY.fullmatch(key)
+            if dora is not None:
+                by_module.setdefault(dora["module"], {})["M"] = value
+                continue
             base = _BASE_KEY.fullmatch(key)
             if base is not None and ".lora_" not in key:
                 base_weights[base["module"]] = value
@@ -591,7 +627,7 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
             raise ValueError(f"{weights_file}: {key!r} has shape {list(value.shape)}; expected 2-D")
         by_module.setdefault(found["module"], {})[factor] = value
     for module, factors in by_module.items():
-        if set(factors) != {"A", "B"}:
+        if set(factors) - {"M"} != {"A", "B"}:
             raise ValueError(
                 f"{weights_file}: module {module!r} has lora_{''.join(factors)} only; "
                 "expected both lora_A and lora_B"
@@ -608,7 +644,7 @@ def _check_base_weights(base_weights, params, key_map, weights_file) -> None:
     """
     if not base_weights:
         return
-    leaves = leaves_with_paths(params)
+    leaves = leaves_with_paths(params, is_leaf=is_weight_node)
     names = {key_map(path): (path, leaf) for path, leaf in leaves if _torch_weight_kind(path, leaf)}
     embeddings = [(p, leaf) for p, leaf in leaves if _torch_weight_kind(p, leaf) == "embedding"]
     for module, saved in base_weights.items():
@@ -660,8 +696,8 @@ def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, 
     """``{path: {stack index: module}}``: which leaf of ``params`` each module adapts."""
     exact: dict[str, Path] = {}
     stacked: list[tuple[re.Pattern, Path]] = []
-    for path, leaf in leaves_with_paths(params):
-        if not _is_weight(leaf) or module_path(path)[1] in _NOT_WEIGHTS:
+    for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):
+        if not _is_weight(leaf) or module_path(path)[1] in NOT_WEIGHTS:
             continue  # stacked biases and norm scales share their module's name
         name = key_map(path)
         if name is None:
@@ -691,9 +727,6 @@ def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, 
                 "is this adapter for another model, or do you need another key_map?"
             )
     return where
-
-
-_NOT_WEIGHTS = frozenset({"bias", "scale"})
 
 
 def _is_weight(leaf: Any) -> bool:
@@ -752,13 +785,15 @@ def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, floa
             f"alphas {sorted(alphas)}: one jlora adapter holds one rank and alpha"
         )
     rank, alpha = ranks.pop(), alphas.pop()
-    a_rows, b_cols = [], []
+    dora = bool(config.get("use_dora", False))
+    a_rows, b_cols, magnitudes = [], [], []
     for index in np.ndindex(*layout.stack_shape):
         module = layers[index]
         lora_a, lora_b = _factors(by_module[module], module, path, layout, rank)
         a_rows.append(lora_a.T)
         b_cols.append(lora_b.T)
-    denominator = math.sqrt(rank) if config.get("use_rslora") else rank
+        magnitudes.append(_magnitude(by_module[module], module, path, layout, dora))
+    denominator = scale_denominator(rank, bool(config.get("use_rslora")))
     node = LoraAdapter(
         lora_a=jnp.asarray(np.stack(a_rows).reshape(layout.a_shape(rank))),
         lora_b=jnp.asarray(np.stack(b_cols).reshape(layout.b_shape(rank))),
@@ -766,7 +801,31 @@ def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, floa
         layout=layout,
         dropout=float(config.get("lora_dropout") or 0.0),
     )
+    if dora:
+        shape = (*layout.stack_shape, layout.out_features)
+        node = DoraAdapter(**vars(node), magnitude=jnp.asarray(np.stack(magnitudes).reshape(shape)))
     return node, alpha
+
+
+def _magnitude(factors, module, path, layout, dora: bool) -> np.ndarray | None:
+    """PEFT's DoRA magnitude of ``module``: one value per output feature."""
+    magnitude = factors.get("M")
+    if not dora:
+        if magnitude is not None:
+            raise ValueError(
+                f"module {module!r} has a DoRA {MAGNITUDE}, but the config does not set "
+                "use_dora: the files disagree"
+            )
+        return None
+    if magnitude is None:
+        raise ValueError(f"the config sets use_dora, but module {module!r} has no {MAGNITUDE}")
+    # Linear and Embedding store (out,); PEFT's convolutions keep (1, out, 1, ...).
+    if magnitude.size != layout.out_features or max(magnitude.shape, default=0) != magnitude.size:
+        raise ValueError(
+            f"module {module!r} has a {MAGNITUDE} of shape {list(magnitude.shape)}, but the "
+            f"weight at {path!r} has {layout.out_features} output features"
+        )
+    return magnitude.reshape(layout.out_features)
 
 
 def _peft_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -792,3 +851,151 @@ def _factors(factors, module, path, layout, rank) -> tuple[np.ndarray, np.ndarra
             "rank_pattern do not match the tensors"
         )
     return lora_a, lora_b
+
+
+# -- pre-quantized (bitsandbytes 4-bit) base checkpoints -------------------------------
+
+
+def load_bnb_4bit(
+    path: str | os.PathLike,
+    params: Params,
+    *,
+    key_map: KeyMapLike,
+    layouts: Mapping[Path, Layout] | None = None,
+) -> Params:
+    """Put the NF4 weights of a bitsandbytes 4-bit checkpoint into ``params``, still packed.
+
+    Reads the safetensors files that Hugging Face transformers writes for a model loaded
+    with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` (the
+    "-bnb-4bit" checkpoints): per quantized module the packed ``.weight``, its
+    ``.absmax`` (8-bit codes with ``.nested_absmax`` under double quantization),
+    ``.quant_map`` and ``.quant_state.bitsandbytes__nf4``. Each leaf of ``params`` whose
+    PyTorch module (by ``key_map``) is quantized in the file becomes a
+    :class:`jlora.QuantizedWeight` holding the file's codes unchanged; nothing is
+    dequantized on the host. Other leaves are returned as they are (load the
+    checkpoint's float weights the usual way).
+
+    Args:
+      path: a ``model.safetensors`` file, or a directory of ``*.safetensors`` shards.
+      params: the model's params (arrays or ``ShapeDtypeStruct`` s); each quantized
+        leaf keeps its dtype (what ``fn`` sees) and must have the file's shape.
+      key_map: a built-in name or a callable ``path -> PyTorch module name``.
+      layouts: per path, the weight's layout when not the key map's (or 2-D) rule.
+
+    Returns:
+      params with a ``QuantizedWeight`` at each quantized module.
+
+    Raises:
+      FileNotFoundError: no safetensors file at ``path``.
+      ValueError: no quantized module maps to a leaf, a module of the file maps to no
+        leaf, a malformed quant state, or shapes that disagree (all named).
+    """
+    from jlora import _nf4
+    from jlora._quant import QuantizedWeight
+
+    key_map = _resolve_key_map(key_map)
+    files = _safetensors_keys(path)
+    suffix = ".weight.quant_state.bitsandbytes__nf4"
+    modules = sorted(k[: -len(suffix)] for k in files if k.endswith(suffix))
+    other_states = [k for k in files if ".quant_state.bitsandbytes__" in k and k.endswith("fp4")]
+    if other_states:
+        raise ValueError(
+            f"{path}: {other_states[0]!r} is a bitsandbytes FP4 weight; jlora reads NF4 only"
+        )
+    if not modules:
+        raise ValueError(f"{path} holds no bitsandbytes NF4 weight (no '*{suffix}' key)")
+    leaves = dict(leaves_with_paths(params, is_leaf=is_weight_node))
+    by_module = {}
+    for leaf_path, leaf in leaves.items():
+        name = key_map(leaf_path)
+        if name is not None and _is_weight(leaf):
+            by_module.setdefault(name, leaf_path)
+    # Only the quantized modules' own tensors are read: the float ones (often bfloat16,
+    # which numpy has no type for) are left to the caller's loader.
+    wanted = [k for k in files if any(k.startswith(f"{m}.weight") for m in modules)]
+    tensors = _read_safetensors_keys(files, wanted)
+    nodes = {}
+    for module in modules:
+        leaf_path = by_module.get(module)
+        if leaf_path is None:
+            raise ValueError(
+                f"{path} quantizes the PyTorch module {module!r}, but no leaf of params maps "
+                f"to it with key_map {_key_map_name(key_map)!r}"
+            )
+        record = _nf4.read_bnb_4bit(tensors, module)
+        leaf = leaves[leaf_path]
+        shape = shape_of(leaf)
+        layout = (layouts or {}).get(leaf_path)
+        if layout is None:
+            rule = getattr(key_map, "layout", None)
+            layout = rule(leaf_path, shape, 0) if rule else None
+            layout = layout or _default_layout(shape, 0)
+        if layout is None or (layout.out_features, layout.in_features) != tuple(record["shape"]):
+            raise ValueError(
+                f"{path}: module {module!r} holds a weight of PyTorch shape "
+                f"{list(record['shape'])}, but params has {describe(leaf)} at {leaf_path!r}"
+            )
+        nested = record.get("nested_block_size")
+        if nested is not None:
+            quant_map = record.get("absmax_quant_map")
+            if quant_map is not None and not np.array_equal(quant_map, _nf4.dynamic_map_signed()):
+                raise ValueError(
+                    f"{path}: module {module!r} quantizes its absmax with a map other than "
+                    "bitsandbytes' signed dynamic map"
+                )
+            if nested != 256:
+                raise ValueError(
+                    f"{path}: module {module!r} has nested_blocksize {nested}; jlora reads 256"
+                )
+        nodes[leaf_path] = QuantizedWeight(
+            codes=jnp.asarray(record["codes"]),
+            absmax=None if nested is not None else jnp.asarray(record["absmax"], jnp.float32),
+            absmax_codes=None if nested is None else jnp.asarray(record["absmax_codes"]),
+            absmax_scales=None if nested is None else jnp.asarray(record["absmax_scales"]),
+            absmax_offset=None if nested is None else jnp.asarray(record["absmax_offset"]),
+            kind="nf4",
+            layout=layout,
+            dtype=jnp.dtype(leaf.dtype),
+            block_size=int(record["block_size"]),
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: nodes.get(path_str(kp), leaf), params, is_leaf=is_weight_node
+    )
+
+
+def _safetensors_keys(path) -> dict[str, str]:
+    """``{tensor name: file}`` over a safetensors file or a directory of shards."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")
+        )
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise FileNotFoundError(f"no safetensors file at {path}")
+    keys: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="numpy") as handle:
+                keys.update(dict.fromkeys(handle.keys(), file))
+        except (SafetensorError, ValueError, TypeError, OSError) as error:
+            raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
+    return keys
+
+
+def _read_safetensors_keys(files: Mapping[str, str], wanted: list[str]) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for file in sorted(set(files[k] for k in wanted)):
+        try:
+            with safe_open(file, framework="numpy") as handle:
+                for key in wanted:
+                    if files[key] == file:
+                        tensors[key] = handle.get_tensor(key)
+        except (SafetensorError, ValueError, TypeError) as error:
+            raise ValueError(f"{file}: cannot read the 4-bit tensors: {error}") from None
+    return tensors

@@ -34,7 +34,6 @@ base weight that the model's own step does not.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,7 +47,14 @@ from jlora._paths import leaves_with_paths, path_str
 from jlora._spec import LoraSpec
 from jlora._types import Adapters, Array, Params
 
-__all__ = ["factor_specs", "init_sharded", "partition_specs", "shardings", "state_shardings"]
+__all__ = [
+    "factor_specs",
+    "field_specs",
+    "init_sharded",
+    "partition_specs",
+    "shardings",
+    "state_shardings",
+]
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:
@@ -99,6 +105,49 @@ def factor_specs(
       >>> spec_a == P(None, "fsdp", None), spec_b == P(None, None, "fsdp")
       (True, True)
     """
+    groups = _group_entries(layout, spec, mesh_shape)
+    return (
+        PartitionSpec(*groups["S"], groups["I"], None),
+        PartitionSpec(*groups["S"], None, groups["O"]),
+    )
+
+
+def field_specs(
+    node: LoraAdapter, spec: PartitionSpec, *, mesh_shape: Mapping[str, int] | None = None
+) -> dict[str, PartitionSpec]:
+    """The ``PartitionSpec`` of every array of an adapter node, from its axis signature.
+
+    Each signature token (``_adapter.Signature``) takes the weight's entries for that
+    group: stack axes their own, the flattened input and output axes as in
+    :func:`factor_specs`, the rank axis replicated. A DoRA magnitude ``(*stack, out)``
+    therefore lies like B's output axis.
+
+    Example:
+      >>> from jax.sharding import PartitionSpec as P
+      >>> import jax.numpy as jnp
+      >>> from jlora import DoraAdapter, Layout
+      >>> node = DoraAdapter(jnp.zeros((8, 2)), jnp.zeros((2, 4)), 1.0, Layout.dense((8, 4)),
+      ...                    magnitude=jnp.ones(4))
+      >>> field_specs(node, P("fsdp", "tensor"))["magnitude"] == P("tensor")
+      True
+    """
+    groups = _group_entries(node.layout, spec, mesh_shape)
+    out = {}
+    for name, signature in node.SIGNATURES.items():
+        entries: list[Any] = []
+        for token in signature:
+            if token == "S":
+                entries.extend(groups["S"])
+            else:
+                entries.append(groups.get(token))
+        out[name] = PartitionSpec(*entries)
+    return out
+
+
+def _group_entries(
+    layout: Layout, spec: PartitionSpec, mesh_shape: Mapping[str, int] | None
+) -> dict[str, Any]:
+    """Per signature token, the partitioning of a weight's factors (see factor_specs)."""
     ndim = len(layout.weight_shape)
     entries = tuple(spec)
     if len(entries) > ndim:
@@ -122,9 +171,12 @@ def factor_specs(
                 kept, ways = (*kept, name), ways * mesh_shape[name]
         return _entry(kept)
 
-    in_entry = flat(layout.in_axes, layout.out_axes, layout.in_features)
-    out_entry = flat(layout.out_axes, layout.in_axes, layout.out_features)
-    return PartitionSpec(*stack, in_entry, None), PartitionSpec(*stack, None, out_entry)
+    return {
+        "S": stack,
+        "I": flat(layout.in_axes, layout.out_axes, layout.in_features),
+        "O": flat(layout.out_axes, layout.in_axes, layout.out_features),
+        "R": None,
+    }
 
 
 def _by_path(tree: Any, is_leaf: Callable[[Any], bool], what: str) -> dict[str, Any]:
@@ -145,8 +197,7 @@ def _map_nodes(adapters: Adapters, table: dict[str, Any], make: Callable, what: 
                 f"with the params' structure (it has {sorted(table)[:6]}...)"
             )
         if isinstance(node, LoraAdapter):
-            value_a, value_b = make(path, node.layout, table[path])
-            return dataclasses.replace(node, lora_a=value_a, lora_b=value_b)
+            return node.with_arrays(**make(path, node, table[path]))
         return table[path]  # a trainable copy lies like its base leaf
 
     return jax.tree_util.tree_map_with_path(one, adapters, is_leaf=is_adapter)
@@ -184,9 +235,9 @@ def partition_specs(
         param_specs, lambda x: x is None or isinstance(x, PartitionSpec), "PartitionSpecs"
     )
 
-    def make(path, layout, spec):
+    def make(path, node, spec):
         spec = PartitionSpec() if spec is None else spec
-        return factor_specs(layout, spec, mesh_shape=mesh_shape)
+        return field_specs(node, spec, mesh_shape=mesh_shape)
 
     return _map_nodes(adapters, table, make, "param_specs")
 
@@ -239,24 +290,24 @@ def shardings(adapters: Adapters, param_shardings: Any, *, full: bool = False) -
     )
     table = {path: _sharding_of(leaf) for path, leaf in table.items()}
 
-    def make(path, layout, sharding):
+    def make(path, node, sharding):
         if sharding is None:
-            return None, None
+            return dict.fromkeys(node.SIGNATURES)
         if not isinstance(sharding, NamedSharding):
             if sharding.is_fully_replicated:
-                return sharding, sharding
+                return dict.fromkeys(node.SIGNATURES, sharding)
             raise TypeError(
                 f"expected a NamedSharding for the weight at {path!r}; found "
                 f"{type(sharding).__name__} {sharding}. Build the params' shardings "
                 "with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
             )
         mesh_shape = dict(sharding.mesh.shape) if full else None
-        spec_a, spec_b = factor_specs(layout, sharding.spec, mesh_shape=mesh_shape)
+        specs = field_specs(node, sharding.spec, mesh_shape=mesh_shape)
         kind = sharding.memory_kind
-        return (
-            NamedSharding(sharding.mesh, spec_a, memory_kind=kind),
-            NamedSharding(sharding.mesh, spec_b, memory_kind=kind),
-        )
+        return {
+            name: NamedSharding(sharding.mesh, spec, memory_kind=kind)
+            for name, spec in specs.items()
+        }
 
     return _map_nodes(adapters, table, make, "param_shardings")
 

@@ -387,8 +387,9 @@ def test_flops_match_hand_written_lora():
     hand = HandLoraDecoder(rank=4, scale=2.0)
     hand_vars = hand.init(jax.random.key(1), tokens)
 
-    def jlora_loss(a, p, t):
-        return projection_loss(jlora.lora(model.apply)(p, a, t), jax.random.key(0))
+    def jlora_loss(a, p, t, fast_backward=False):
+        lora_fn = jlora.lora(model.apply, fast_backward=fast_backward)
+        return projection_loss(lora_fn(p, a, t), jax.random.key(0))
 
     def hand_loss(lora_vars, p, t):
         return projection_loss(hand.apply({"params": p, "lora": lora_vars}, t), jax.random.key(0))
@@ -402,6 +403,11 @@ def test_flops_match_hand_written_lora():
     )
     assert abs(jlora_flops - hand_flops) <= 0.01 * hand_flops, (jlora_flops, hand_flops)
     assert jlora_flops < full_flops  # no weight-gradient matmuls for the frozen base
+    # The fast backward (on in scan bodies too) puts the scale on the rank-sized
+    # intermediate of the backward: never more work than the hand-written model.
+    fast = functools.partial(jlora_loss, fast_backward=True)
+    fast_flops = _flops(jax.grad(fast), adapters, params, tokens)
+    assert fast_flops <= 1.001 * hand_flops, (fast_flops, hand_flops)
 
 
 # ------------------------------------------------------------------------------------

@@ -494,7 +494,8 @@ def test_malformed_config(saved):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"use_dora": True}, r"DoRA"),
+        ({"use_dora": True}, r"sets use_dora, but module 'dense' has no lora_magnitude_vector"),
+        ({"use_dora": "false"}, r"expected true or false for 'use_dora', found 'false'"),
         ({"bias": "all"}, r"bias='all'"),
         ({"modules_to_save": ["classifier"]}, r"modules_to_save"),
         ({"peft_type": "IA3"}, r"expected peft_type 'LORA', found 'IA3'"),
@@ -540,7 +541,12 @@ def test_unexpected_tensor(saved):
     _, tensors = read(directory)
     tensors["base_model.model.dense.lora_magnitude_vector"] = np.ones(5, np.float32)
     safetensors.numpy.save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=r"DoRA magnitudes"):
+    with pytest.raises(ValueError, match=r"has a DoRA lora_magnitude_vector, but the config"):
+        jlora.peft.load(directory, params, key_map="flax")
+    tensors["base_model.model.dense.lora_scaling_vector"] = np.ones(5, np.float32)
+    del tensors["base_model.model.dense.lora_magnitude_vector"]
+    safetensors.numpy.save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"which is not a PEFT LoRA factor"):
         jlora.peft.load(directory, params, key_map="flax")
 
 

@@ -1,0 +1,149 @@
+"""QLoRA against the real thing: a bitsandbytes 4-bit Llama in transformers + PEFT (torch CPU).
+
+A tiny random Llama is saved by PyTorch, loaded back with
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` and saved again in
+the bnb-4bit safetensors layout. jlora reads those very codes
+(``jlora.peft.load_bnb_4bit``) into its Flax twin; then the base logits, a LoRA adapter
+made by PEFT on the 4-bit layers, and a jlora-trained adapter loaded back into PEFT
+must all agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+import jlora  # noqa: E402
+import jlora.peft  # noqa: E402
+from tests.torch_convert import copy_into  # noqa: E402
+
+pytestmark = pytest.mark.interop
+
+ATOL = 1e-4
+VOCAB = 64
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["double_quant", "plain"])
+def twins(request, tmp_path_factory):
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,  # in = 96 for down_proj: blocks of 64 straddle the rows
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    with jax.numpy_dtype_promotion("standard"):
+        flax_model = transformers.FlaxLlamaForCausalLM(config, seed=0)
+    torch_model = copy_into(flax_model.params, transformers.LlamaForCausalLM(config))
+    float_dir = tmp_path_factory.mktemp("float")
+    torch_model.save_pretrained(float_dir)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=request.param,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model_4bit = transformers.LlamaForCausalLM.from_pretrained(
+        float_dir, quantization_config=quantization, torch_dtype=torch.float32
+    ).eval()
+    quant_dir = tmp_path_factory.mktemp("bnb4bit")
+    model_4bit.save_pretrained(quant_dir)
+
+    qparams = jlora.peft.load_bnb_4bit(quant_dir, flax_model.params, key_map="llama")
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 8)).astype(np.int64)
+
+    def fn(params, ids):
+        with jax.numpy_dtype_promotion("standard"):
+            return flax_model(ids, params=params).logits
+
+    return dict(model_4bit=model_4bit, qparams=qparams, fn=fn, ids=ids, flax=flax_model)
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.float().numpy()
+
+
+def jlora_logits(twins, adapters):
+    ids = jnp.asarray(twins["ids"], jnp.int32)
+    return np.asarray(jax.jit(jlora.lora(twins["fn"]))(twins["qparams"], adapters, ids))
+
+
+def test_the_file_is_read_into_nf4_nodes_and_gives_the_4bit_models_logits(twins):
+    nodes = [
+        leaf
+        for leaf in jax.tree.leaves(twins["qparams"], is_leaf=jlora.is_adapter)
+        if isinstance(leaf, jlora.QuantizedWeight)
+    ]
+    assert len(nodes) == 2 * len(TARGETS)
+    assert all(n.codes.dtype == jnp.uint8 for n in nodes)
+    ours = jlora_logits(twins, {})
+    theirs = torch_logits(twins["model_4bit"], twins["ids"])
+    np.testing.assert_allclose(ours, theirs, atol=ATOL)
+    # Not the float model's logits: the codes, not the original weights, are in use.
+    float_logits = np.asarray(twins["fn"](twins["flax"].params, jnp.asarray(twins["ids"])))
+    assert np.abs(float_logits - ours).max() > 1e-4
+
+
+def test_peft_qlora_adapter_loads_in_jlora_on_the_same_codes(twins, tmp_path):
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(twins["model_4bit"]), config).eval()
+    theirs = torch_logits(peft_model, twins["ids"])
+    assert np.abs(theirs - torch_logits(twins["model_4bit"], twins["ids"])).max() > 1e-2
+    peft_model.save_pretrained(tmp_path)
+    adapters, _ = jlora.peft.load(tmp_path, twins["qparams"], key_map="llama")
+    np.testing.assert_allclose(jlora_logits(twins, adapters), theirs, atol=ATOL)
+
+
+def test_jlora_qlora_adapter_loads_in_peft_on_the_4bit_model(twins, tmp_path):
+    qparams, fn = twins["qparams"], twins["fn"]
+    ids = jnp.asarray(twins["ids"], jnp.int32)
+    spec = jlora.LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
+    adapters = jlora.init(spec, qparams, jax.random.key(1), fn=fn, args=(ids,))
+    target = jax.random.normal(jax.random.key(2), jax.eval_shape(fn, qparams, ids).shape)
+
+    def loss(a):
+        return jnp.mean((jlora.lora(fn)(qparams, a, ids) - target) ** 2)
+
+    tx = optax.adam(3e-2)
+    state = tx.init(adapters)
+
+    @jax.jit
+    def step(a, s):
+        grads = jax.grad(loss)(a)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, s = tx.update(grads, s)
+        return optax.apply_updates(a, updates), s
+
+    for _ in range(3):
+        adapters, state = step(adapters, state)
+    ours = jlora_logits(twins, adapters)
+    assert np.abs(ours - jlora_logits(twins, {})).max() > 1e-2
+    jlora.peft.save(tmp_path, adapters, spec, key_map="llama")
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(twins["model_4bit"]), tmp_path)
+    np.testing.assert_allclose(torch_logits(peft_model.eval(), twins["ids"]), ours, atol=ATOL)
+
+
+def test_bad_4bit_files_are_refused(twins, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no safetensors file"):
+        jlora.peft.load_bnb_4bit(tmp_path / "missing", twins["flax"].params, key_map="llama")
+    import safetensors.numpy
+
+    safetensors.numpy.save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="holds no bitsandbytes NF4 weight"):
+        jlora.peft.load_bnb_4bit(tmp_path / "m.safetensors", twins["flax"].params, key_map="llama")
