@@ -63,6 +63,9 @@ class QuantizedWeight(WeightNode):
       dtype: the original weight's dtype (what ``fn`` sees).
       block_size: NF4 block length along the input features.
       ops: layout-only operations the engine met on this weight, replayed after decoding.
+      quant_dtype: the dtype bitsandbytes decodes to (its ``quant_state.dtype``: the
+        dtype of the weight it quantized); decoded values are rounded to it before the
+        cast to ``dtype``. Default: ``dtype``.
     """
 
     codes: Array
@@ -76,6 +79,7 @@ class QuantizedWeight(WeightNode):
     block_size: int = 64
     ops: tuple = ()
     shape: tuple[int, ...] = ()
+    quant_dtype: Any = None
 
     def __post_init__(self):
         if not self.shape:
@@ -111,6 +115,8 @@ class QuantizedWeight(WeightNode):
         for _ in layout.stack_axes:
             one = jax.vmap(one)
         w_OxI = one(self.codes, self._absmax())  # (*stack, out, in)
+        if self.quant_dtype is not None:
+            w_OxI = w_OxI.astype(self.quant_dtype)
         grouped = jnp.swapaxes(w_OxI, -1, -2)  # (*stack, in, out)
         return layout.from_grouped(grouped).astype(self.dtype)
 
@@ -204,7 +210,7 @@ class QuantizedWeight(WeightNode):
 jax.tree_util.register_dataclass(
     QuantizedWeight,
     data_fields=["codes", "absmax", "absmax_codes", "absmax_scales", "absmax_offset"],
-    meta_fields=["kind", "layout", "dtype", "block_size", "ops", "shape"],
+    meta_fields=["kind", "layout", "dtype", "block_size", "ops", "shape", "quant_dtype"],
 )
 
 

@@ -957,6 +957,7 @@ def load_bnb_4bit(
             layout=layout,
             dtype=jnp.dtype(leaf.dtype),
             block_size=int(record["block_size"]),
+            quant_dtype=jnp.dtype(record["dtype"]),
         )
     return jax.tree_util.tree_map_with_path(
         lambda kp, leaf: nodes.get(path_str(kp), leaf), params, is_leaf=is_weight_node
