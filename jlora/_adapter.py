@@ -200,6 +200,15 @@ class LoraAdapter:
         """
         return use.lowrank(x, self.lora_a, self.lora_b, self.scale)
 
+    def output(self, use: Any, x: Array, base: Array, weight: Any) -> tuple | None:
+        """``(y, u)``: the use's output is ``y + u`` (``u`` None: ``y`` alone), or None.
+
+        The engine adds ``u`` after a following bias add, as a hand-written layer does;
+        a kind whose output is not ``base + term`` returns it whole.
+        """
+        u = self.term(use, x, base, weight)
+        return None if u is None else (base, u)
+
     # -- dense forms, merge and unmerge ------------------------------------------------
 
     def delta(self) -> Array:
@@ -260,15 +269,22 @@ class DoraAdapter(LoraAdapter):
             return use.per_input(self._ratio(weight))
         return None
 
-    def term(self, use: Any, x: Array, base: Array, weight: Any) -> Array | None:
-        """``(m/n − 1)⊙(x·W) + (m/n)⊙s·(x·A)·B`` (the bias, added later, is not scaled)."""
-        if use.contracted == "O":  # x was scaled by input_scale: plain low-rank term
-            return use.lowrank(x, self.lora_a, self.lora_b, self.scale)
+    def output(self, use: Any, x: Array, base: Array, weight: Any) -> tuple | None:
+        """``x·W + (m/n − 1)⊙(x·W) + (m/n)⊙s·(x·A)·B = (m/n)⊙(x·W + s·(x·A)·B)``.
+
+        Returned whole (the bias, added later, is not scaled), so the backward pass
+        keeps one activation per use, ``x·W + s·(x·A)·B``, for the magnitude's gradient.
+        """
         u = use.lowrank(x, self.lora_a, self.lora_b, self.scale)
+        if use.contracted == "O":  # x was scaled by input_scale: plain low-rank term
+            return base, u
         ratio = use.per_output(self._ratio(weight).astype(base.dtype))
+        u = u.astype(base.dtype)
+        if x is use.x:
+            return ratio * (base + u), None
         # With dropout, PEFT feeds the dropped-out input to the (m/n - 1) term too.
-        rescaled = base if x is use.x else use.product(weight, x)
-        return (ratio - jnp.ones((), ratio.dtype)) * rescaled + ratio * u.astype(base.dtype)
+        dropped = use.product(weight, x)
+        return base, ratio * (dropped + u) - dropped
 
     def norm(self, weight: Array) -> Array:
         """``stop_gradient(‖W + s·A·B‖)`` over the input axes: ``(*stack, out_features)``.

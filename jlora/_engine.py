@@ -10,8 +10,8 @@ combination composes:
   ``gather`` of rows) is decoded once into a *use* (:class:`DotUse`, :class:`ConvUse`,
   :class:`GatherUse`): which weight axes it contracts, how batch and stack axes map,
   where the output features land. The weight gives ``use.product(weight)``; the
-  adapter gives ``adapter.term(use, x, base, weight)``, built from ``use.lowrank`` and
-  ``use.per_output``;
+  adapter gives ``adapter.output(use, x, base, weight)`` (LoRA: ``base + term``),
+  built from ``use.lowrank`` and ``use.per_output``;
 * layout-only operations (casts, reshapes that keep the axis groups, transposes,
   squeezes, copies, slices of stack axes, sharding constraints) go to the weight's
   ``apply`` and to one generic rule for the adapter, driven by the axis signature of
@@ -637,11 +637,12 @@ def _contraction(decode: Callable) -> Callable:
             use = use.with_x(use.x * x_scale.astype(use.x.dtype))
         x_low = use.x if isinstance(use, GatherUse) else _dropout(use.x, target.adapter, ctx)
         base = use.product(target.weight)
-        u = target.adapter.term(use, x_low, base, target.weight)
-        if u is None:
+        out = target.adapter.output(use, x_low, base, target.weight)
+        if out is None:
             return None
         ctx.count(target.path, factored=True)
-        return [_PendingSum(base, u)]
+        y, u = out
+        return [y if u is None else _PendingSum(y, u)]
 
     return rule
 

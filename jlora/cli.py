@@ -215,52 +215,18 @@ def _describe_orbax(directory: str, step: int | None) -> dict[str, Any]:
     }
 
 
-def _read_peft(directory: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """A PEFT directory's config and ``{module: {"A": (r, in), "B": (out, r), "embedding"}}``.
-
-    Read by :mod:`jlora.peft`'s own readers (safetensors only, the same checks as
-    ``jlora.peft.load``); full base weights PEFT may save beside the factors (saved
-    embedding layers) are left out.
-    """
-    from jlora import peft
-
-    config = peft._read_config(directory)
-    tensors = peft._read_tensors(directory)
-    weights_file = os.path.join(directory, peft.WEIGHTS_NAME)
-    by_module, _ = peft._group(tensors, weights_file)
-    if not by_module:
-        raise ValueError(f"{weights_file} holds no LoRA factors")
-    modules = {
-        module: {
-            **factors,
-            "embedding": f"base_model.model.{module}.lora_embedding_A" in tensors,
-        }
-        for module, factors in by_module.items()
-    }
-    return config, modules
-
-
-def _peft_scale(config: dict[str, Any], module: str) -> tuple[int, float, float]:
-    """PEFT's rank, alpha and scale for ``module`` (``rank_pattern`` / ``alpha_pattern``)."""
-    from jlora import peft
-
-    rank = int(peft._peft_value(config.get("rank_pattern") or {}, module, config["r"]))
-    alpha = float(peft._peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-    from jlora._adapter import lora_scale
-
-    return rank, alpha, lora_scale(alpha, rank, bool(config.get("use_rslora")))
-
-
 def _describe_peft(directory: str) -> dict[str, Any]:
-    config, modules = _read_peft(directory)
+    from jlora import peft
+
+    config, modules = peft.read(directory)
     targets = []
     for module, factors in sorted(modules.items()):
         lora_a, lora_b = factors["A"], factors["B"]  # (r, in) and (out, r)
-        _, alpha, scale = _peft_scale(config, module)
+        alpha, scale = factors["alpha"], factors["scale"]
         targets.append(
             {
                 "path": module,
-                "kind": "lora",
+                "kind": "dora" if factors["magnitude"] is not None else "lora",
                 "shape": [int(lora_b.shape[0]), int(lora_a.shape[1])],
                 "rank": int(lora_a.shape[0]),
                 "alpha": alpha,
@@ -559,15 +525,23 @@ def _merge_flax(options, peft_adapter: bool) -> tuple[Any, Callable[[Any], None]
 
 
 def _merge_peft_torch(tensors: dict[str, Any], adapter: str, base_path: str) -> dict[str, Any]:
-    """``W += scale · B @ A`` per PEFT module, in PyTorch's layout, in float32 or wider."""
+    """Merge a PEFT adapter into PyTorch-named weights with the library's own merge.
+
+    The weights become a params tree keyed by module name, each PyTorch ``weight`` with
+    its layout (Linear ``(out, in)``; Embedding and GPT-2 Conv1D ``(in, out)``), and the
+    adapter is read by ``jlora.peft.load`` (every check it makes) and merged by
+    ``jlora.merge`` (LoRA and DoRA alike).
+    """
     import numpy as np
 
-    config, modules = _read_peft(adapter)
+    import jlora
+    from jlora import peft
+
+    config, modules = peft.read(adapter)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    merged = dict(tensors)
-    for module, factors in sorted(modules.items()):
-        key = f"{module}.weight"
-        if key not in tensors:
+    for module in modules:
+        if f"{module}.weight" not in tensors:
+            key = f"{module}.weight"
             suffix = key.split(".", 1)[-1]
             near = [k for k in tensors if k.endswith(suffix)][:3]
             hint = f" (similar: {near})" if near else ""
@@ -575,19 +549,37 @@ def _merge_peft_torch(tensors: dict[str, Any], adapter: str, base_path: str) -> 
                 f"the adapter {adapter} adapts {module!r} but {base_path} has no tensor "
                 f"{key!r}{hint}: is it for another model?"
             )
-        weight = tensors[key]
-        _, _, scale = _peft_scale(config, module)
-        dtype = np.promote_types(weight.dtype, np.float32)
-        update = factors["B"].astype(dtype) @ factors["A"].astype(dtype) * dtype.type(scale)
-        if factors["embedding"] or fan_in_fan_out:  # stored (in, out): embedding rows, Conv1D
-            update = update.T
-        if update.shape != weight.shape:
-            raise ValueError(
-                f"the adapter's update for {module!r} has shape {list(update.shape)} but "
-                f"{key!r} in {base_path} has {list(weight.shape)}: is it for another model?"
-            )
-        merged[key] = (weight.astype(dtype) + update).astype(weight.dtype)
-    return merged
+    names = {module.replace(".", "/") + "/weight": module for module in modules}
+    params = _nest(
+        {k.replace(".", "/"): v for k, v in tensors.items() if k.replace(".", "/") in names}, "/"
+    )
+    key_map = _TorchNames(names, modules, fan_in_fan_out)
+    adapters, _ = peft.load(adapter, params, key_map=key_map)
+    merged = jlora.merge(params, adapters)
+    out = dict(tensors)
+    for path, value in _flatten(merged, "/").items():
+        out[names[path] + ".weight"] = np.asarray(value)
+    return out
+
+
+class _TorchNames:
+    """A ``jlora.peft`` key map for a params tree keyed by PyTorch module names."""
+
+    def __init__(self, names, modules, fan_in_fan_out):
+        self.names, self.modules, self.fan_in_fan_out = names, modules, fan_in_fan_out
+
+    def __call__(self, path: str) -> str | None:
+        return self.names.get(path)
+
+    def layout(self, path: str, shape, stack: int):
+        from jlora import Layout
+
+        module = self.names.get(path)
+        if module is None or len(shape) != 2 or stack:
+            return None
+        stored_in_out = self.fan_in_fan_out or self.modules[module]["embedding"]
+        in_axes, out_axes = ((0,), (1,)) if stored_in_out else ((1,), (0,))
+        return Layout(tuple(shape), (), in_axes, out_axes)
 
 
 def _check_out(out: str, overwrite: bool) -> None:

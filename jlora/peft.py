@@ -68,6 +68,7 @@ __all__ = [
     "KeyMap",
     "load",
     "load_bnb_4bit",
+    "read",
     "save",
 ]
 
@@ -528,6 +529,67 @@ def load(
         dora=bool(config.get("use_dora", False)),
     )
     return build_like(params, nodes), spec
+
+
+def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A PEFT adapter directory's checked config and its factors per PyTorch module.
+
+    The same readers and checks as :func:`load` (safetensors only, config values
+    validated), with no params to match: for tools that work on module names.
+
+    Returns:
+      ``(config, modules)``: ``modules[name]`` holds ``A`` (PEFT's ``(r, in)``), ``B``
+      (``(out, r)``), ``magnitude`` (DoRA, else None), ``embedding`` (whether the
+      factors are ``lora_embedding_*``), and the module's ``rank``, ``alpha`` and
+      ``scale`` (``rank_pattern`` / ``alpha_pattern`` applied). Full base weights PEFT
+      may save beside the factors are left out.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`load`.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora, jlora.peft
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, alpha=4.0, targets=["dense"])
+      >>> directory = tempfile.mkdtemp()
+      >>> jlora.peft.save(directory, jlora.init(spec, params, jax.random.key(0)), spec,
+      ...                 key_map="flax")
+      >>> config, modules = jlora.peft.read(directory)
+      >>> modules["dense"]["A"].shape, modules["dense"]["scale"]
+      ((2, 6), 2.0)
+    """
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    by_module, _ = _group(tensors, weights_file)
+    if not by_module:
+        raise ValueError(f"{weights_file} holds no LoRA factors")
+    dora = bool(config.get("use_dora", False))
+    modules = {}
+    for module, factors in by_module.items():
+        rank = int(_peft_value(config.get("rank_pattern") or {}, module, config["r"]))
+        alpha = float(_peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        if factors["A"].shape[0] != rank or factors["B"].shape[1] != rank:
+            raise ValueError(
+                f"{weights_file}: module {module!r} has lora_A {list(factors['A'].shape)} "
+                f"and lora_B {list(factors['B'].shape)}, but the config gives it rank {rank}"
+            )
+        if dora != ("M" in factors):
+            raise ValueError(
+                f"{weights_file}: module {module!r} "
+                + ("has no " if dora else "has a ")
+                + f"{MAGNITUDE} but the config sets use_dora={dora}"
+            )
+        modules[module] = {
+            "A": factors["A"],
+            "B": factors["B"],
+            "magnitude": factors.get("M"),
+            "embedding": f"{PREFIX}{module}.lora_embedding_A" in tensors,
+            "rank": rank,
+            "alpha": alpha,
+            "scale": lora_scale(alpha, rank, bool(config.get("use_rslora"))),
+        }
+    return config, modules
 
 
 def _read_config(directory) -> dict[str, Any]:

@@ -98,6 +98,23 @@ def test_jlora_dora_loads_in_peft_and_merges_alike(twins, tmp_path):
             parameter.detach().numpy(), want[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name
         )
 
+    # The CLI merges the same file into PyTorch-named weights, by the library's merge.
+    import safetensors.numpy
+
+    from jlora.cli import main
+
+    base_file = tmp_path / "base.safetensors"
+    state = {k: v.numpy() for k, v in flax_to_torch_state(twins.params, merged_torch).items()}
+    safetensors.numpy.save_file(state, str(base_file))
+    out = tmp_path / "merged.safetensors"
+    argv = ["merge", "--base", str(base_file), "--adapter", str(tmp_path), "--out", str(out)]
+    assert main(argv) == 0
+    by_cli = safetensors.numpy.load_file(str(out))
+    for name, parameter in merged_torch.named_parameters():
+        np.testing.assert_allclose(
+            by_cli[name], parameter.detach().numpy(), rtol=1e-5, atol=1e-5, err_msg=name
+        )
+
 
 def test_peft_dora_loads_in_jlora(twins, tmp_path):
     family = twins.family

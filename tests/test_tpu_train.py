@@ -94,14 +94,14 @@ def test_host_rows_follow_the_batch_sharding():
 # -- train.py --simulate 8, then a resume ----------------------------------------------
 
 
-def run_train(tmp_path, steps: int) -> subprocess.CompletedProcess:
+def run_train(tmp_path, steps: int, extra=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     command = [
         sys.executable, str(ROOT / "tpu_scripts" / "train.py"), "--simulate", "8",
         "--fsdp", "4", "--tensor", "2", "--batch", "8", "--seq", "16", "--rank", "4",
         "--steps", str(steps), "--log-every", "1", "--eval-every", "2", "--eval-batches", "1",
         "--save-every", "2", "--ckpt-dir", str(tmp_path / "run"),
-        "--compile-cache", str(tmp_path / "xla-cache"),
+        "--compile-cache", str(tmp_path / "xla-cache"), *extra,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -143,6 +143,13 @@ def test_train_simulate_then_resume_from_the_last_checkpoint(tmp_path):
     assert spec.rank == 4
     q = adapters["params"]["layers"]["q"]["kernel"]
     assert q.lora_a.shape == (2, 64, 4) and q.lora_b.shape == (2, 4, 4 * 16)
+
+
+def test_train_simulate_on_an_nf4_base(tmp_path):
+    result = run_train(tmp_path, steps=2, extra=["--quantize", "nf4"])
+    assert "base kernels quantized to nf4" in result.stdout + result.stderr
+    losses = [e["loss"] for e in read_metrics(tmp_path) if "loss" in e]
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_shell_scripts_parse_and_launch_prints_usage():

@@ -10,6 +10,10 @@ tensor parallelism, every layer rematerialised):
   fsdp × tensor; norms are replicated and negligible), plus one layer's weights
   gathered in full while it runs (FSDP all-gathers a layer at a time; XLA may
   prefetch the next one, so twice that is counted);
+* with ``--quantize nf4`` the layers' kernels (everything but the embeddings and the
+  head) are stored as NF4 with double quantization, 4.127 bits a weight
+  (``jlora.quantize``), and the gathered layer is decoded to bf16 one use at a time,
+  so the gathered-layer term is the NF4 bytes plus one decoded kernel;
 * adapters: factors, gradients and Adam's two moments, all float32:
   ``16 bytes × adapter params / chips`` (factors are split like their weights);
 * activations, per sequence held by the chip (``batch / (data × fsdp)``):
@@ -34,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama
 
 GIB = 2**30
+# NF4 with double quantization: a 4-bit code per weight, an 8-bit absmax per block of 64,
+# and a float32 scale per 256 blocks: 4.127 bits a weight.
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -64,12 +71,23 @@ def estimate(
     data: int = 1,
     param_bytes: int = 2,
     act_bytes: int = 2,
+    quantize: str | None = None,
 ) -> dict[str, float]:
     """Bytes per chip, by part (see the module docstring for each formula)."""
-    layer_params = (cfg.params() - 2 * cfg.vocab_size * cfg.hidden_size) / cfg.num_hidden_layers
+    embeddings = 2 * cfg.vocab_size * cfg.hidden_size
+    layer_params = (cfg.params() - embeddings) / cfg.num_hidden_layers
     sequences = batch / (chips // tensor)  # per chip: the batch is split over data × fsdp
     del data  # data and fsdp split the batch alike
-    base = cfg.params() * param_bytes / chips + 2 * layer_params * param_bytes / tensor
+    if quantize == "nf4":
+        kernel_bytes = NF4_BITS / 8
+        stored = embeddings * param_bytes + (cfg.params() - embeddings) * kernel_bytes
+        largest_kernel = cfg.hidden_size * cfg.intermediate_size * param_bytes
+        gathered = 2 * layer_params * kernel_bytes / tensor + largest_kernel / tensor
+        base = stored / chips + gathered
+    elif quantize is None:
+        base = cfg.params() * param_bytes / chips + 2 * layer_params * param_bytes / tensor
+    else:
+        raise ValueError(f"quantize must be None or 'nf4'; found {quantize!r}")
     adapters = 16 * adapter_params(cfg, rank) / chips
     saved = cfg.num_hidden_layers * seq * cfg.hidden_size * act_bytes
     attention = 10 * cfg.num_attention_heads * seq * seq / tensor
@@ -95,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--param-bytes", type=int, default=2, help="2 for bfloat16")
+    parser.add_argument("--quantize", choices=["nf4"], help="an NF4 base (QLoRA)")
     args = parser.parse_args(argv)
     cfg = llama.PRESETS[args.preset]
     parts = estimate(
@@ -105,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         rank=args.rank,
         tensor=args.tensor,
         param_bytes=args.param_bytes,
+        quantize=args.quantize,
     )
     print(
         f"{args.preset}: {cfg.params() / 1e9:.2f} B params, "

@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--targets", default="q,k,v,o,gate,up,down")
     lora.add_argument("--lora-dropout", type=float, default=0.0)
     lora.add_argument(
+        "--quantize",
+        choices=["nf4", "int8"],
+        help="QLoRA: store the targeted kernels quantized (jlora.quantize: NF4 as "
+        "bitsandbytes, double-quantized) and decode them per use inside the step",
+    )
+    lora.add_argument(
         "--adapter-sharding",
         default="full",
         choices=["full", "follow"],
@@ -249,6 +255,42 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, batch: int) -> jax.
 
 def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, targets_BxS).mean()
+
+
+def quantize_base(params, param_shardings, model, args, tokens_spec):
+    """The targeted kernels quantized on device, their codes split over the whole mesh.
+
+    Each encoded array is split along its last (flat) axis over every mesh axis where that
+    divides it, else replicated; the step all-gathers a layer's codes (4-bit, not bf16)
+    and decodes them per use. Returns the params and their shardings.
+    """
+    targets = args.targets.split(",")
+
+    def quantize(p):
+        return jlora.quantize(p, targets, kind=args.quantize, fn=model.apply, args=(tokens_spec,))
+
+    abstract = jax.eval_shape(quantize, params)
+    mesh = next(s for s in jax.tree_util.tree_leaves(param_shardings)).mesh
+    ways = mesh.size
+
+    def placement(leaf):
+        if leaf.ndim and leaf.shape[-1] % ways == 0:
+            return NamedSharding(mesh, P(*([None] * (leaf.ndim - 1)), tuple(mesh.axis_names)))
+        return NamedSharding(mesh, P())
+
+    def one(node, sharding):
+        if isinstance(node, jlora.QuantizedWeight):
+            return jax.tree_util.tree_map(placement, node)
+        return sharding
+
+    is_node = lambda x: isinstance(x, jlora.QuantizedWeight)
+    shardings_q = jax.tree_util.tree_map(one, abstract, param_shardings, is_leaf=is_node)
+    params = jax.jit(quantize, out_shardings=shardings_q)(params)
+    stored = sum(
+        x.nbytes() for x in jax.tree_util.tree_leaves(params, is_leaf=is_node) if is_node(x)
+    )
+    log(f"base kernels quantized to {args.quantize}: {stored / 2**20:.1f} MiB of codes")
+    return params, shardings_q
 
 
 def make_steps(model: llama.Llama, tx: optax.GradientTransformation, dropout: bool):
@@ -414,6 +456,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = jax.jit(
         lambda a: {"adapters": a, "opt_state": tx.init(a)}, out_shardings=state_placement
     )(adapters)
+    base_shardings = param_shardings
+    if args.quantize:
+        params, base_shardings = quantize_base(params, param_shardings, model, args, tokens_spec)
     adapter_params = sum(x.size for x in jax.tree_util.tree_leaves(adapters))
     log(jlora.summary(params, adapters))
     log(
@@ -430,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tensor=mesh.shape["tensor"],
         param_bytes=param_dtype.itemsize,
         act_bytes=compute_dtype.itemsize,
+        quantize="nf4" if args.quantize == "nf4" else None,
     )
     log(
         "estimated per chip: "
@@ -455,12 +501,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_step, eval_step = make_steps(model, tx, dropout=args.lora_dropout > 0)
     train_step = jax.jit(
         train_step,
-        in_shardings=(state_placement, param_shardings, batch_sharding, None),
+        in_shardings=(state_placement, base_shardings, batch_sharding, None),
         out_shardings=(state_placement, None, None),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        eval_step, in_shardings=(adapter_shardings, param_shardings, batch_sharding)
+        eval_step, in_shardings=(adapter_shardings, base_shardings, batch_sharding)
     )
     corpus = load_tokens(args, cfg.vocab_size)
     rows = host_rows(batch_sharding, (args.batch, args.seq + 1))
