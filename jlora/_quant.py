@@ -89,6 +89,20 @@ class QuantizedWeight(WeightNode):
     def KIND(self) -> str:
         return self.kind
 
+    @property
+    def SIGNATURES(self) -> dict[str, tuple[str, ...]]:
+        """Per encoded array, what its axes are: ``"S"`` the weight's stack axes, ``"P"``
+        packed codes or blocks (flattened ``(out, in)``), ``"O"``/``"I"`` features."""
+        if self.kind == "int8":
+            return {"codes": ("S", "O", "I"), "absmax": ("S", "O")}
+        return {
+            "codes": ("S", "P"),
+            "absmax": ("S", "P"),
+            "absmax_codes": ("S", "P"),
+            "absmax_scales": ("S", "P"),
+            "absmax_offset": ("S",),
+        }
+
     # -- decoding ---------------------------------------------------------------------
 
     def _absmax(self) -> Array:

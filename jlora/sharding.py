@@ -52,6 +52,7 @@ __all__ = [
     "field_specs",
     "init_sharded",
     "partition_specs",
+    "quantized_shardings",
     "shardings",
     "state_shardings",
 ]
@@ -310,6 +311,94 @@ def shardings(adapters: Adapters, param_shardings: Any, *, full: bool = False) -
         }
 
     return _map_nodes(adapters, table, make, "param_shardings")
+
+
+def quantized_shardings(qparams: Params, param_shardings: Any) -> Params:
+    """Shardings for params holding quantized weights (``jlora.quantize``), from the
+    float weights' own shardings.
+
+    Each encoded array follows its axis signature (``QuantizedWeight.SIGNATURES``): stack
+    axes keep the weight's entries; packed codes and block scales (one flat axis) are
+    split over the mesh axes the weight is split over, as far as they divide it; int8
+    codes keep the weight's feature entries. Other leaves keep their sharding. The step
+    then gathers a layer's packed codes (4-bit, not the decoded weight) where a use
+    needs them.
+
+    Args:
+      qparams: params with ``QuantizedWeight`` nodes (arrays or ``ShapeDtypeStruct`` s).
+      param_shardings: the float params' ``NamedSharding`` tree (same structure, an array
+        sharding where ``qparams`` has a quantized node).
+
+    Returns:
+      A tree like ``qparams`` of ``NamedSharding`` s, for ``jax.jit(...,
+      out_shardings=...)`` or ``jax.device_put``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, jlora
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+      >>> q = jlora.quantize({"w": jnp.ones((64, 8))}, "w")
+      >>> out = quantized_shardings(q, {"w": NamedSharding(mesh, P("fsdp", None))})
+      >>> out["w"].codes.spec == P("fsdp"), out["w"].absmax_offset.spec == P()
+      (True, True)
+    """
+    from jlora._quant import QuantizedWeight
+
+    def is_node(x):
+        return isinstance(x, QuantizedWeight)
+
+    def one(node, sharding):
+        if not is_node(node):
+            return sharding
+        if not isinstance(sharding, NamedSharding):
+            raise TypeError(
+                f"quantized_shardings: expected a NamedSharding for a quantized weight; "
+                f"found {type(sharding).__name__} {sharding}"
+            )
+        layout = node.layout
+        entries = tuple(sharding.spec) + (None,) * (len(layout.weight_shape) - len(sharding.spec))
+        stack = [entries[i] for i in layout.stack_axes]
+        feature_axes = layout.in_axes + layout.out_axes
+        names = tuple(n for i in feature_axes for n in _mesh_axes(entries[i]))
+        groups = _group_entries(layout, sharding.spec, None)
+        arrays = {}
+        for name, signature in node.SIGNATURES.items():
+            array = getattr(node, name)
+            if array is None:
+                arrays[name] = None
+                continue
+            spec: list[Any] = []
+            stack_entries = iter(stack)
+            for token, size in zip(_expand(signature, len(stack)), array.shape):
+                if token == "S":
+                    spec.append(next(stack_entries))
+                elif token == "P":
+                    kept, ways = (), 1
+                    for axis in names:
+                        if size % (ways * sharding.mesh.shape[axis]) == 0:
+                            kept, ways = (*kept, axis), ways * sharding.mesh.shape[axis]
+                    spec.append(_entry(kept))
+                else:
+                    entry = groups[token]
+                    ways = math.prod(sharding.mesh.shape[a] for a in _mesh_axes(entry))
+                    spec.append(entry if size % ways == 0 else None)
+            arrays[name] = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+        return node.__class__(**{**_static_fields(node), **arrays})
+
+    return jax.tree_util.tree_map(one, qparams, param_shardings, is_leaf=is_node)
+
+
+def _expand(signature: tuple[str, ...], n_stack: int) -> list[str]:
+    out: list[str] = []
+    for token in signature:
+        out.extend(["S"] * n_stack if token == "S" else [token])
+    return out
+
+
+def _static_fields(node: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
 
 
 def state_shardings(state: Any, adapter_shardings: Adapters, *, default: Any = None) -> Any:

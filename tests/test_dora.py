@@ -452,7 +452,9 @@ def test_magnitude_is_sharded_like_the_output_axes_and_the_mesh_step_agrees():
         )
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     want = dict(leaves_with_paths(ref_adapters))
+    placements = dict(leaves_with_paths(a_shard))
     for path, leaf in leaves_with_paths(new_adapters):
+        assert leaf.sharding == placements[path], path
         np.testing.assert_allclose(
             np.asarray(leaf), np.asarray(want[path]), rtol=1e-5, atol=1e-6, err_msg=path
         )

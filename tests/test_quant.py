@@ -188,7 +188,11 @@ def test_nf4_dora_on_a_mesh_equals_one_device():
             qparams, adapters, tx.init(adapters), tokens
         )
     mesh = ts.make_mesh("fsdp4_tp2")
-    a_shard = jlora.shardings(adapters, ts.param_shardings(params, mesh))
+    p_shard = ts.param_shardings(params, mesh)
+    a_shard = jlora.shardings(adapters, p_shard)
+    q_shard = jlora.sharding.quantized_shardings(qparams, p_shard)
+    up = q_shard["params"]["layers"]["up"]["kernel"]  # (layers, d, mlp) split (None, fsdp, tp)
+    assert up.codes.spec == P(None, ("fsdp", "tensor")) and up.absmax_offset.spec == P(None)
     replicated = NamedSharding(mesh, P())
     step = jax.jit(
         ts.lora_step(ts.batch_sharded(model, mesh), tx), out_shardings=(replicated, a_shard, None)
@@ -196,14 +200,16 @@ def test_nf4_dora_on_a_mesh_equals_one_device():
     with jax.numpy_dtype_promotion("standard"):
         s_adapters = jax.device_put(adapters, a_shard)
         loss, new_adapters, _ = step(
-            jax.device_put(qparams, replicated),
+            jax.device_put(qparams, q_shard),
             s_adapters,
             tx.init(s_adapters),
             jax.device_put(tokens, NamedSharding(mesh, P("fsdp", None))),
         )
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     want = dict(leaves_with_paths(ref_adapters))
+    placements = dict(leaves_with_paths(a_shard))
     for path, leaf in leaves_with_paths(new_adapters):
+        assert leaf.sharding == placements[path], path
         np.testing.assert_allclose(
             np.asarray(leaf), np.asarray(want[path]), rtol=1e-5, atol=1e-6, err_msg=path
         )
@@ -245,3 +251,31 @@ def test_quantize_errors_and_merge_refusal():
         jlora.merge(q, adapters)
     merged = jlora.merge(jlora.dequantize(q), adapters)
     assert merged["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("shape", [(64, 24), (200, 16), (3, 2, 40)], ids=str)
+def test_jlora_quantize_is_bitsandbytes_on_the_pytorch_layout(shape, double_quant):
+    """``jlora.quantize`` of a Flax ``(in, out)`` kernel (or a stacked one) equals
+    bitsandbytes' ``quantize_4bit`` of each layer's PyTorch ``(out, in)`` weight."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bitsandbytes")
+    from tests.test_nf4 import bnb_absmax, bnb_decode, bnb_quantize
+
+    w = jax.random.normal(jax.random.key(0), shape) * 0.1
+    node = jlora.quantize({"w": w}, "w", double_quant=double_quant, fn=lambda p, x: x @ p["w"],
+                          args=(jnp.ones((2, shape[-2])),))["w"]  # fmt: skip
+    back = np.asarray(jlora.dequantize({"w": node})["w"])
+    layers = w.reshape(-1, *shape[-2:])
+    codes = np.asarray(node.codes).reshape(layers.shape[0], -1)
+    for k, layer in enumerate(np.asarray(layers)):
+        w_OxI = torch.from_numpy(np.ascontiguousarray(layer.T))
+        packed, state = bnb_quantize(w_OxI, nested=double_quant)
+        absmax = bnb_absmax(state)
+        want = bnb_decode(packed, absmax, w_OxI.shape).T
+        got = back.reshape(layers.shape)[k]
+        if double_quant:  # bnb's native 8-bit kernel may pick a neighbouring absmax code
+            np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(codes[k], packed.numpy().reshape(-1))
+            np.testing.assert_array_equal(got, want)

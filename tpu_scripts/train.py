@@ -47,7 +47,7 @@ import sizes
 
 import jlora
 from jlora import checkpoint as adapter_checkpoint
-from jlora.sharding import init_sharded, shardings, state_shardings
+from jlora.sharding import init_sharded, quantized_shardings, shardings, state_shardings
 
 # bf16 peak matmul TFLOP/s per chip, by jax's device_kind (public Cloud TPU figures).
 PEAK_TFLOPS = {
@@ -258,33 +258,19 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
 
 
 def quantize_base(params, param_shardings, model, args, tokens_spec):
-    """The targeted kernels quantized on device, their codes split over the whole mesh.
+    """The targeted kernels quantized on device, their codes split like their weights.
 
-    Each encoded array is split along its last (flat) axis over every mesh axis where that
-    divides it, else replicated; the step all-gathers a layer's codes (4-bit, not bf16)
-    and decodes them per use. Returns the params and their shardings.
+    ``jlora.sharding.quantized_shardings`` places each encoded array by its axis
+    signature; the step gathers a layer's codes (4-bit, not bf16) and decodes them per
+    use. Returns the params and their shardings.
     """
     targets = args.targets.split(",")
 
     def quantize(p):
         return jlora.quantize(p, targets, kind=args.quantize, fn=model.apply, args=(tokens_spec,))
 
-    abstract = jax.eval_shape(quantize, params)
-    mesh = next(s for s in jax.tree_util.tree_leaves(param_shardings)).mesh
-    ways = mesh.size
-
-    def placement(leaf):
-        if leaf.ndim and leaf.shape[-1] % ways == 0:
-            return NamedSharding(mesh, P(*([None] * (leaf.ndim - 1)), tuple(mesh.axis_names)))
-        return NamedSharding(mesh, P())
-
-    def one(node, sharding):
-        if isinstance(node, jlora.QuantizedWeight):
-            return jax.tree_util.tree_map(placement, node)
-        return sharding
-
     is_node = lambda x: isinstance(x, jlora.QuantizedWeight)
-    shardings_q = jax.tree_util.tree_map(one, abstract, param_shardings, is_leaf=is_node)
+    shardings_q = quantized_shardings(jax.eval_shape(quantize, params), param_shardings)
     params = jax.jit(quantize, out_shardings=shardings_q)(params)
     stored = sum(
         x.nbytes() for x in jax.tree_util.tree_leaves(params, is_leaf=is_node) if is_node(x)
@@ -505,9 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out_shardings=(state_placement, None, None),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(
-        eval_step, in_shardings=(adapter_shardings, base_shardings, batch_sharding)
-    )
+    eval_step = jax.jit(eval_step, in_shardings=(adapter_shardings, base_shardings, batch_sharding))
     corpus = load_tokens(args, cfg.vocab_size)
     rows = host_rows(batch_sharding, (args.batch, args.seq + 1))
 
