@@ -22,28 +22,13 @@ peft = pytest.importorskip("peft")
 
 import jlora  # noqa: E402
 import jlora.peft  # noqa: E402
-from tests.test_peft_interop import ATOL, FAMILIES, VOCAB, Twins, jlora_logits  # noqa: E402
-from tests.torch_convert import copy_into, flax_to_torch_state  # noqa: E402
+from tests import test_peft_interop  # noqa: E402
+from tests.test_peft_interop import ATOL, Twins, jlora_logits  # noqa: E402
+from tests.torch_convert import flax_to_torch_state  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def twins(request) -> Twins:
-    family = FAMILIES[request.param]
-    config = family.config()
-    with jax.numpy_dtype_promotion("standard"):  # Hugging Face's Flax code is not strict
-        flax_model = getattr(transformers, family.flax_class)(config, seed=0)
-    torch.manual_seed(0)
-    torch_model = getattr(transformers, family.torch_class)(config)
-    copy_into(flax_model.params, torch_model)
-    input_ids = np.random.default_rng(0).integers(0, VOCAB, (2, 8)).astype(np.int64)
-
-    def fn(params, ids):
-        with jax.numpy_dtype_promotion("standard"):
-            return flax_model(ids, params=params).logits
-
-    return Twins(family, flax_model.params, fn, torch_model, input_ids)
+twins = test_peft_interop.twins  # the same module-scoped fixture: one pair per family
 
 
 def _trained_dora(twins: Twins, spec: jlora.LoraSpec):

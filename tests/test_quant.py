@@ -18,7 +18,6 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
@@ -51,15 +50,16 @@ def _check(fn, qparams, adapters, args, *, use_jit, rtol=1e-5, dora=False):
 
     forward = jax.jit(jlora.lora(fn)) if use_jit else jlora.lora(fn)
     grad = jax.jit(jax.grad(ours)) if use_jit else jax.grad(ours)
-    want = fn(reference_params_jnp(base, adapters) if dora else jlora.merge(base, adapters), *args)
+    reference_params = reference_params_jnp(base, adapters) if dora else jlora.merge(base, adapters)
+    want = jax.jit(fn)(reference_params, *args)
     got = forward(qparams, adapters, *args)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.abs(want).max()))
     if jax.tree.leaves(adapters):
-        assert_trees_close(grad(adapters), jax.grad(reference)(adapters), rtol=rtol)
+        assert_trees_close(grad(adapters), jax.jit(jax.grad(reference))(adapters), rtol=rtol)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("kind", ["nf4"])  # int8: in the adapter tests below
+@pytest.mark.parametrize("use_jit", [True], ids=["jit"])
 def test_quantized_base_alone_equals_the_dequantized_model(kind, use_jit):
     fn, params, tokens = _decoder()
     qparams = jlora.quantize(params, TARGETS, kind=kind, fn=fn, args=(tokens,))
@@ -68,9 +68,16 @@ def test_quantized_base_alone_equals_the_dequantized_model(kind, use_jit):
     _check(fn, qparams, {}, (tokens,), use_jit=use_jit)
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+# Every combination under jit; eager (20-30 s each on 2 cores) for NF4 + DoRA only.
+DECODER_CASES = [(False, "nf4", True), (True, "nf4", True), (True, "int8", True)]
+DECODER_CASES.append((True, "nf4", False))
+
+
+@pytest.mark.parametrize(
+    "dora, kind, use_jit",
+    DECODER_CASES,
+    ids=[f"{'dora' if d else 'lora'}-{k}-{'jit' if j else 'eager'}" for d, k, j in DECODER_CASES],
+)
 def test_adapters_on_a_quantized_scanned_decoder(dora, kind, use_jit):
     fn, params, tokens = _decoder()
     qparams = jlora.quantize(params, TARGETS, kind=kind, fn=fn, args=(tokens,))
@@ -176,46 +183,30 @@ def test_nf4_and_dora_train_and_lower_the_loss():
 
 def test_nf4_dora_on_a_mesh_equals_one_device():
     from tests import test_sharding as ts
+    from tests.test_dora import assert_mesh_step_equals_one_device
 
     model, _, params, _, tokens, _ = ts.setup()
     qparams = jlora.quantize(params, ts.TARGETS[:-1], fn=model.apply, args=(tokens,))
     spec = jlora.LoraSpec(rank=3, targets=ts.TARGETS, dora=True)
     adapters = perturb(jlora.init(spec, qparams, jax.random.key(2), fn=model.apply,
                                   args=(tokens,)), jax.random.key(3))  # fmt: skip
-    tx = jlora.optimizer(optax.sgd(0.5, momentum=0.9), adapters)
-    with jax.numpy_dtype_promotion("standard"):
-        ref_loss, ref_adapters, _ = jax.jit(ts.lora_step(model.apply, tx))(
-            qparams, adapters, tx.init(adapters), tokens
-        )
-    mesh = ts.make_mesh("fsdp4_tp2")
-    p_shard = ts.param_shardings(params, mesh)
-    a_shard = jlora.shardings(adapters, p_shard)
-    q_shard = jlora.sharding.quantized_shardings(qparams, p_shard)
-    up = q_shard["params"]["layers"]["up"]["kernel"]  # (layers, d, mlp) split (None, fsdp, tp)
+    placed = {}
+
+    def base_shardings(float_shardings):
+        placed.update(jlora.sharding.quantized_shardings(qparams, float_shardings))
+        return placed
+
+    a_shard = assert_mesh_step_equals_one_device(model, qparams, adapters, tokens,
+                                                 base_shardings=base_shardings)  # fmt: skip
+    up = placed["params"]["layers"]["up"]["kernel"]  # (layers, d, mlp) split (None, fsdp, tp)
     assert up.codes.spec == P(None, ("fsdp", "tensor")) and up.absmax_offset.spec == P(None)
-    replicated = NamedSharding(mesh, P())
-    step = jax.jit(
-        ts.lora_step(ts.batch_sharded(model, mesh), tx), out_shardings=(replicated, a_shard, None)
-    )
-    with jax.numpy_dtype_promotion("standard"):
-        s_adapters = jax.device_put(adapters, a_shard)
-        loss, new_adapters, _ = step(
-            jax.device_put(qparams, q_shard),
-            s_adapters,
-            tx.init(s_adapters),
-            jax.device_put(tokens, NamedSharding(mesh, P("fsdp", None))),
-        )
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    want = dict(leaves_with_paths(ref_adapters))
-    placements = dict(leaves_with_paths(a_shard))
-    for path, leaf in leaves_with_paths(new_adapters):
-        assert leaf.sharding == placements[path], path
-        np.testing.assert_allclose(
-            np.asarray(leaf), np.asarray(want[path]), rtol=1e-5, atol=1e-6, err_msg=path
-        )
+    # DoRA's magnitude (layers, out) is split like B's output axis.
+    up_adapter = a_shard["params"]["layers"]["up"]["kernel"]
+    assert up_adapter.magnitude.spec == P(None, "tensor")
+    assert up_adapter.lora_b.spec == P(None, None, "tensor")
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     d_in=st.integers(1, 140),
     d_out=st.integers(1, 6),
@@ -254,7 +245,7 @@ def test_quantize_errors_and_merge_refusal():
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
-@pytest.mark.parametrize("shape", [(64, 24), (200, 16), (3, 2, 40)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 24), (3, 2, 40)], ids=str)
 def test_jlora_quantize_is_bitsandbytes_on_the_pytorch_layout(shape, double_quant):
     """``jlora.quantize`` of a Flax ``(in, out)`` kernel (or a stacked one) equals
     bitsandbytes' ``quantize_4bit`` of each layer's PyTorch ``(out, in)`` weight."""
@@ -263,8 +254,15 @@ def test_jlora_quantize_is_bitsandbytes_on_the_pytorch_layout(shape, double_quan
     from tests.test_nf4 import bnb_absmax, bnb_decode, bnb_quantize
 
     w = jax.random.normal(jax.random.key(0), shape) * 0.1
-    node = jlora.quantize({"w": w}, "w", double_quant=double_quant, fn=lambda p, x: x @ p["w"],
-                          args=(jnp.ones((2, shape[-2])),))["w"]  # fmt: skip
+
+    def fn(p, x):  # a stacked weight is one layer per index of its leading axis
+        if p["w"].ndim == 3:
+            return jax.lax.scan(lambda carry, w: (carry, x @ w), 0.0, p["w"])[1]
+        return x @ p["w"]
+
+    args = (jnp.ones((2, shape[-2])),)
+    node = jlora.quantize({"w": w}, "w", double_quant=double_quant, fn=fn, args=args)["w"]
+    assert node.layout.stack_axes == tuple(range(len(shape) - 2))
     back = np.asarray(jlora.dequantize({"w": node})["w"])
     layers = w.reshape(-1, *shape[-2:])
     codes = np.asarray(node.codes).reshape(layers.shape[0], -1)

@@ -1,0 +1,53 @@
+"""DoRA on every model family (NNX, Equinox, Hugging Face GPT-2 / Llama / BERT), alone and
+on an NF4 base, against the formula on the dequantized weights (``tests/test_dora.py``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from tests.test_core import assert_all_factored, assert_trees_close, perturb, projection_loss
+from tests.test_dora import reference_params_f64, reference_params_jnp
+
+# ------------------------------------------------------------------------------------
+# the model families: NNX, Equinox, Hugging Face GPT-2 / Llama / BERT
+# ------------------------------------------------------------------------------------
+
+
+FAMILY_CASES = [(name, False) for name in ("nnx", "equinox", "gpt2", "llama", "bert")]
+FAMILY_CASES.append(("llama", True))  # NF4 on one family: the same rules, 20-30 s each
+
+
+@pytest.mark.parametrize(
+    "name, quantized", FAMILY_CASES, ids=[f"{n}-{'nf4' if q else 'dense'}" for n, q in FAMILY_CASES]
+)
+def test_dora_on_every_family(name, quantized):
+    """DoRA, alone and on an NF4 base, against the formula on the dequantized weights."""
+    from tests.families import BUILDERS
+
+    family = BUILDERS[name]()
+    params = family.params
+    if quantized:
+        params = jlora.quantize(params, family.targets, fn=family.fn, args=family.args)
+    spec = jlora.LoraSpec(rank=2, alpha=4.0, targets=family.targets, dora=True)
+    adapters = jlora.init(spec, params, jax.random.key(1), fn=family.fn, args=family.args)
+    adapters = perturb(adapters, jax.random.key(2), scale=0.2)
+    base = jlora.dequantize(params)
+    key = jax.random.key(3)
+
+    def ours(a):
+        return projection_loss(jax.jit(jlora.lora(family.fn))(params, a, *family.args), key)
+
+    def reference(a):
+        return projection_loss(family.fn(reference_params_jnp(base, a), *family.args), key)
+
+    want = jax.jit(family.fn)(reference_params_f64(base, adapters), *family.args)
+    got = jax.jit(jlora.lora(family.fn))(params, adapters, *family.args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert_trees_close(
+        jax.jit(jax.grad(ours))(adapters), jax.jit(jax.grad(reference))(adapters), rtol=1e-5
+    )
+    assert_all_factored(family.fn, params, adapters, *family.args)
