@@ -16,6 +16,7 @@ feature (int8). Stack axes (scanned layers) lead every array, one layer per inde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -281,6 +282,13 @@ def encode(
     )  # fmt: skip
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _encode_jit(weight, layout, kind, block_size, double_quant):
+    """:func:`encode` compiled once per shape: op by op, each of the codec's integer
+    steps would compile a kernel of its own."""
+    return encode(weight, layout, kind=kind, block_size=block_size, double_quant=double_quant)
+
+
 def quantize(
     params: Params,
     targets: Selector,
@@ -335,9 +343,7 @@ def quantize(
     layouts = _layouts(chosen, params, fn, args, kwargs, spec.targets)
     chosen = [(path, leaf) for path, leaf in chosen if path in layouts]
     nodes = {
-        path: encode(
-            leaf, layouts[path], kind=kind, block_size=block_size, double_quant=double_quant
-        )
+        path: _encode_jit(leaf, layouts[path], kind, block_size, double_quant)
         for path, leaf in chosen
         if not is_weight_node(leaf)
     }

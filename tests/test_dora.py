@@ -142,14 +142,21 @@ CASES = ["dense", "conv", "decoder_scan_remat", "decoder_unrolled"]
 # ------------------------------------------------------------------------------------
 
 
-# Every case under jit; the eager interpreter (the same rules, op by op) on the MLP only,
-# to keep the suite's time: eager runs of the decoders take 20-30 s each on 2 cores.
-FORMULA_CASES = [(name, True) for name in CASES] + [("dense", False)]
+# Every case under jit; the eager interpreter (the same rules, op by op) on the MLP by
+# default, the decoders with -m slow (20-30 s each on 2 cores).
+FORMULA_CASES = [
+    pytest.param(
+        name, True, id=f"{name}-jit", marks=pytest.mark.slow if name == "decoder_unrolled" else ()
+    )
+    for name in CASES
+]
+FORMULA_CASES += [
+    pytest.param(name, False, id=f"{name}-eager", marks=() if name == "dense" else pytest.mark.slow)
+    for name in CASES
+]
 
 
-@pytest.mark.parametrize(
-    "name, use_jit", FORMULA_CASES, ids=[f"{n}-{'jit' if j else 'eager'}" for n, j in FORMULA_CASES]
-)
+@pytest.mark.parametrize("name, use_jit", FORMULA_CASES)
 def test_dora_matches_the_formula(name, use_jit):
     fn, params, adapters, args = _case(name)
     check_against_reference(fn, params, adapters, args, use_jit=use_jit)

@@ -17,13 +17,22 @@ from tests.test_dora import reference_params_f64, reference_params_jnp
 # ------------------------------------------------------------------------------------
 
 
-FAMILY_CASES = [(name, False) for name in ("nnx", "equinox", "gpt2", "llama", "bert")]
-FAMILY_CASES.append(("llama", True))  # NF4 on one family: the same rules, 20-30 s each
+NAMES = ("nnx", "equinox", "gpt2", "llama", "bert")
+# NF4 on one family by default (the same rules, 20-30 s each); all five with -m slow.
+# gpt2 and bert share llama's Hugging Face Flax code paths: with -m slow.
+FAMILY_CASES = [
+    pytest.param(
+        name, False, id=f"{name}-dense", marks=pytest.mark.slow if name in ("gpt2", "bert") else ()
+    )
+    for name in NAMES
+]
+FAMILY_CASES += [
+    pytest.param(name, True, id=f"{name}-nf4", marks=() if name == "llama" else pytest.mark.slow)
+    for name in NAMES
+]
 
 
-@pytest.mark.parametrize(
-    "name, quantized", FAMILY_CASES, ids=[f"{n}-{'nf4' if q else 'dense'}" for n, q in FAMILY_CASES]
-)
+@pytest.mark.parametrize("name, quantized", FAMILY_CASES)
 def test_dora_on_every_family(name, quantized):
     """DoRA, alone and on an NF4 base, against the formula on the dequantized weights."""
     from tests.families import BUILDERS

@@ -41,7 +41,13 @@ VOCAB = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["double_quant", "plain"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(True, id="double_quant"),
+        pytest.param(False, id="plain", marks=pytest.mark.slow),  # the same path, 15 s
+    ],
+)
 def twins(request, tmp_path_factory):
     config = transformers.LlamaConfig(
         hidden_size=64,

@@ -58,7 +58,7 @@ def _check(fn, qparams, adapters, args, *, use_jit, rtol=1e-5, dora=False):
         assert_trees_close(grad(adapters), jax.jit(jax.grad(reference))(adapters), rtol=rtol)
 
 
-@pytest.mark.parametrize("kind", ["nf4"])  # int8: in the adapter tests below
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("use_jit", [True], ids=["jit"])
 def test_quantized_base_alone_equals_the_dequantized_model(kind, use_jit):
     fn, params, tokens = _decoder()
@@ -69,15 +69,16 @@ def test_quantized_base_alone_equals_the_dequantized_model(kind, use_jit):
 
 
 # Every combination under jit; eager (20-30 s each on 2 cores) for NF4 + DoRA only.
-DECODER_CASES = [(False, "nf4", True), (True, "nf4", True), (True, "int8", True)]
-DECODER_CASES.append((True, "nf4", False))
+DECODER_CASES = [
+    pytest.param(False, "nf4", True, id="lora-nf4-jit"),
+    pytest.param(True, "nf4", True, id="dora-nf4-jit"),
+    pytest.param(True, "int8", True, id="dora-int8-jit"),
+    pytest.param(True, "nf4", False, id="dora-nf4-eager", marks=pytest.mark.slow),
+    pytest.param(False, "int8", True, id="lora-int8-jit", marks=pytest.mark.slow),
+]
 
 
-@pytest.mark.parametrize(
-    "dora, kind, use_jit",
-    DECODER_CASES,
-    ids=[f"{'dora' if d else 'lora'}-{k}-{'jit' if j else 'eager'}" for d, k, j in DECODER_CASES],
-)
+@pytest.mark.parametrize("dora, kind, use_jit", DECODER_CASES)
 def test_adapters_on_a_quantized_scanned_decoder(dora, kind, use_jit):
     fn, params, tokens = _decoder()
     qparams = jlora.quantize(params, TARGETS, kind=kind, fn=fn, args=(tokens,))
@@ -92,7 +93,7 @@ def test_adapters_on_a_quantized_scanned_decoder(dora, kind, use_jit):
     assert {(kind, adapter_kind), ("dense", adapter_kind)} <= kinds  # embed stays dense
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "unrolled"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", pytest.param("unrolled", marks=pytest.mark.slow)])
 def test_quantized_bases_of_other_layouts(name):
     key = jax.random.key(0)
     if name == "mlp":

@@ -145,6 +145,7 @@ def test_train_simulate_then_resume_from_the_last_checkpoint(tmp_path):
     assert q.lora_a.shape == (2, 64, 4) and q.lora_b.shape == (2, 4, 4 * 16)
 
 
+@pytest.mark.slow  # 30 s: one more compile of the whole sharded step
 def test_train_simulate_on_an_nf4_base(tmp_path):
     result = run_train(tmp_path, steps=2, extra=["--quantize", "nf4"])
     assert "base kernels quantized to nf4" in result.stdout + result.stderr
