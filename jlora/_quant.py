@@ -34,6 +34,13 @@ from jlora._weights import WeightNode, is_weight_node
 KINDS = ("nf4", "int8")
 
 
+def per_layer(fn: Callable, n_stack: int) -> Callable:
+    """``fn`` of one layer's arrays, mapped over ``n_stack`` leading stack axes."""
+    for _ in range(n_stack):
+        fn = jax.vmap(fn)
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class _Deferred:
     """A layout-only equation to replay on the decoded weight (compared by identity)."""
@@ -109,9 +116,7 @@ class QuantizedWeight(WeightNode):
     def _absmax(self) -> Array:
         if self.absmax is not None:
             return self.absmax
-        decode = _nf4.dequantize_absmax
-        for _ in self.layout.stack_axes:
-            decode = jax.vmap(decode)
+        decode = per_layer(_nf4.dequantize_absmax, len(self.layout.stack_axes))
         return decode(self.absmax_codes, self.absmax_scales, self.absmax_offset)
 
     def decoded(self) -> Array:
@@ -127,9 +132,9 @@ class QuantizedWeight(WeightNode):
             def one(codes, absmax):
                 return codes.astype(jnp.float32) * (absmax / 127.0)[:, None]
 
-        for _ in layout.stack_axes:
-            one = jax.vmap(one)
-        w_OxI = one(self.codes, self._absmax())  # (*stack, out, in)
+        w_OxI = per_layer(one, len(layout.stack_axes))(
+            self.codes, self._absmax()
+        )  # (*stack, out, in)
         if self.quant_dtype is not None:
             w_OxI = w_OxI.astype(self.quant_dtype)
         grouped = jnp.swapaxes(w_OxI, -1, -2)  # (*stack, in, out)
@@ -255,27 +260,17 @@ def encode(
             codes = jnp.round(w / safe[:, None] * 127.0).astype(jnp.int8)
             return codes, absmax
 
-        for _ in range(n_stack):
-            one = jax.vmap(one)
-        codes, absmax = one(w_OxI)
+        codes, absmax = per_layer(one, n_stack)(w_OxI)
         return QuantizedWeight(
             codes, absmax, None, None, None, "int8", layout, weight.dtype, block_size
         )
 
-    def one(w):
-        return _nf4.quantize_nf4(w, block_size)
-
-    for _ in range(n_stack):
-        one = jax.vmap(one)
-    codes, absmax = one(w_OxI)
+    codes, absmax = per_layer(lambda w: _nf4.quantize_nf4(w, block_size), n_stack)(w_OxI)
     if not double_quant:
         return QuantizedWeight(
             codes, absmax, None, None, None, "nf4", layout, weight.dtype, block_size
         )
-    nested = _nf4.quantize_absmax
-    for _ in range(n_stack):
-        nested = jax.vmap(nested)
-    absmax_codes, absmax_scales, absmax_offset = nested(absmax)
+    absmax_codes, absmax_scales, absmax_offset = per_layer(_nf4.quantize_absmax, n_stack)(absmax)
     return QuantizedWeight(
         codes, None, absmax_codes, absmax_scales, absmax_offset, "nf4", layout, weight.dtype,
         block_size,
