@@ -41,6 +41,16 @@ class Layout:
             )
 
     @classmethod
+    def from_kinds(cls, shape: tuple[int, ...], kinds: tuple[str, ...] | list[str]) -> Layout:
+        """The layout whose axis ``i`` is of kind ``kinds[i]`` (``"S"``, ``"I"``, ``"O"``).
+
+        Raises:
+          ValueError: as the constructor (no input or no output axis).
+        """
+        groups = {k: tuple(i for i, kind in enumerate(kinds) if kind == k) for k in "SIO"}
+        return cls(tuple(shape), groups["S"], groups["I"], groups["O"])
+
+    @classmethod
     def dense(cls, shape: tuple[int, ...]) -> Layout:
         """The 2-D rule: axis 0 is the input, axis 1 the output (a Flax kernel)."""
         return cls(tuple(shape), (), (0,), (1,))
@@ -213,11 +223,14 @@ class LoraAdapter:
 
     def delta(self) -> Array:
         """``scale * A @ B`` in the weight's shape and axis order (float32 or wider)."""
+        return self.layout.from_grouped(self._grouped_delta())
+
+    def _grouped_delta(self) -> Array:
+        """``scale * A @ B`` as ``(*stack, in, out)``, in float32 or wider."""
         a = self.lora_a
         b = self.lora_b
         dtype = wide_float(a.dtype, b.dtype)
-        product = jnp.matmul(a.astype(dtype), b.astype(dtype)) * jnp.asarray(self.scale, dtype)
-        return self.layout.from_grouped(product)
+        return jnp.matmul(a.astype(dtype), b.astype(dtype)) * jnp.asarray(self.scale, dtype)
 
     def merge_into(self, weight: Array) -> Array:
         """The merged weight ``W + delta`` in float32 (or wider), cast back to W's dtype."""
@@ -265,7 +278,7 @@ class DoraAdapter(LoraAdapter):
     def input_scale(self, use: Any, weight: Any) -> Array | None:
         """Used transposed (a tied head, ``x·W'ᵀ``), the column scale moves onto ``x``:
         ``x·((m/n)⊙(W + s·A·B))ᵀ = (x⊙(m/n))·(W + s·A·B)ᵀ``."""
-        if use.contracted == "O" and hasattr(use, "per_input"):
+        if use.contracted == "O":  # only a dot_general use contracts the output axes
             return use.per_input(self._ratio(weight))
         return None
 
@@ -292,19 +305,21 @@ class DoraAdapter(LoraAdapter):
         Computed from ``W`` as stored and the factors, never forming ``W + s·A·B``:
         ``colsum(W⊙W) + 2s·colsum((AᵀW)⊙B) + s²·colsum(B⊙((AᵀA)·B))``.
         """
-        layout = self.layout
         dtype = wide_float(weight.dtype, self.lora_a.dtype)
-        w = layout.to_grouped(weight.astype(dtype))  # (*S, in, out)
+        return self._grouped_norm(self.layout.to_grouped(weight.astype(dtype)))
+
+    def _grouped_norm(self, w: Array) -> Array:
+        """:meth:`norm` of the grouped weight ``w`` ``(*S, in, out)``, in ``w``'s dtype."""
+        dtype = w.dtype
         return column_norm(w, self.lora_a.astype(dtype), self.lora_b.astype(dtype), self.scale)
 
     def merge_into(self, weight: Array) -> Array:
         """``(m / n) ⊙ (W + s·A·B)``, formed in float32 or wider, cast to W's dtype."""
         layout = self.layout
         dtype = wide_float(weight.dtype, self.lora_a.dtype, self.magnitude.dtype)
-        n = self.norm(weight).astype(dtype)
-        ratio = self.magnitude.astype(dtype) / n  # (*S, out)
-        merged = layout.to_grouped(weight.astype(dtype)) + layout.to_grouped(self.delta())
-        merged = merged * ratio[..., None, :]
+        w = layout.to_grouped(weight.astype(dtype))  # (*S, in, out), formed once
+        ratio = self.magnitude.astype(dtype) / self._grouped_norm(w)  # (*S, out)
+        merged = (w + self._grouped_delta().astype(dtype)) * ratio[..., None, :]
         return layout.from_grouped(merged).astype(weight.dtype)
 
     def unmerge_from(self, merged: Array) -> Array:

@@ -87,13 +87,9 @@ jax.tree_util.register_dataclass(Target, data_fields=["weight", "adapter"], meta
 
 
 def _layout_from(shape: tuple[int, ...], kinds: list[str] | tuple[str, ...]) -> Layout | None:
+    """:meth:`Layout.from_kinds`, or None where no rule fits (no input or output axis)."""
     try:
-        return Layout(
-            tuple(shape),
-            tuple(i for i, k in enumerate(kinds) if k == "S"),
-            tuple(i for i, k in enumerate(kinds) if k == "I"),
-            tuple(i for i, k in enumerate(kinds) if k == "O"),
-        )
+        return Layout.from_kinds(shape, kinds)
     except ValueError:
         return None
 
@@ -548,13 +544,21 @@ class GatherUse:
     def product(self, weight: Any, x: Array | None = None) -> Array:
         return weight.product(lambda w, i: bind(self.eqn, [w, i])[0], self.x)
 
+    def _kept_axes(self) -> tuple[list[int], int]:
+        """The weight axes the lookup keeps (not collapsed), and its output's batch count."""
+        dims = self.eqn.params["dimension_numbers"]
+        out_ndim = len(self.eqn.outvars[0].aval.shape)
+        kept = [
+            a for a in range(len(self.layout.weight_shape)) if a not in dims.collapsed_slice_dims
+        ]
+        return kept, out_ndim - len(kept)
+
     def _place(self, u: Array) -> Array:
         """``(*batch, *out)`` rows to where the lookup puts its offset axes."""
         layout = self.layout
         dims = self.eqn.params["dimension_numbers"]
         out_ndim = len(self.eqn.outvars[0].aval.shape)
-        kept = [a for a in range(len(layout.weight_shape)) if a not in dims.collapsed_slice_dims]
-        n_batch = out_ndim - len(kept)
+        kept, n_batch = self._kept_axes()
         outs = layout.out_axes
         u = u.reshape(
             u.shape[:n_batch] + tuple(layout.weight_shape[a] if a in outs else 1 for a in kept)
@@ -578,11 +582,7 @@ class GatherUse:
         indices = self.x
         if len(self.columns) != len(mapped):
             indices = jnp.concatenate([indices[..., k : k + 1] for k in self.columns], axis=-1)
-        out_ndim = len(self.eqn.outvars[0].aval.shape)
-        kept = [
-            a for a in range(len(self.layout.weight_shape)) if a not in dims.collapsed_slice_dims
-        ]
-        n_batch = out_ndim - len(kept)
+        _, n_batch = self._kept_axes()
         position = {axis: k for k, axis in enumerate(ins)}
         a_dims = jax.lax.GatherDimensionNumbers(
             offset_dims=(n_batch,),
@@ -604,12 +604,7 @@ class GatherUse:
         return self._place(u)
 
     def per_output(self, vec: Array) -> Array:
-        out_ndim = len(self.eqn.outvars[0].aval.shape)
-        dims = self.eqn.params["dimension_numbers"]
-        kept = [
-            a for a in range(len(self.layout.weight_shape)) if a not in dims.collapsed_slice_dims
-        ]
-        n_batch = out_ndim - len(kept)
+        _, n_batch = self._kept_axes()
         return self._place(vec.reshape((1,) * n_batch + vec.shape))
 
 

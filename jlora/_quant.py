@@ -27,11 +27,13 @@ import jax.numpy as jnp
 from jlora import _nf4
 from jlora._adapter import Layout
 from jlora._paths import leaves_with_paths, path_str
-from jlora._primitives import P, bind
+from jlora._primitives import P, bind, cut_axes, slice_extent
 from jlora._types import Array, Params, Selector
 from jlora._weights import WeightNode, is_weight_node
 
 KINDS = ("nf4", "int8")
+ARRAYS = ("codes", "absmax", "absmax_codes", "absmax_scales", "absmax_offset")
+"""The encoded arrays of a :class:`QuantizedWeight` (the ones a kind does not use: None)."""
 
 
 def per_layer(fn: Callable, n_stack: int) -> Callable:
@@ -164,41 +166,25 @@ class QuantizedWeight(WeightNode):
         """One index of the leading stack axis (``w[i]`` of stacked layers), on the codes."""
         stack = self.layout.stack_axes
         shape = self.layout.weight_shape
-        if not stack or stack[0] != 0:
+        starts, sizes, strides = slice_extent(eqn)
+        if not stack or stack[0] != 0 or set(cut_axes(shape, starts, sizes, strides)) - {0}:
             return None
-        if eqn.primitive is P.slice_p:
-            start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-            strides = eqn.params["strides"] or (1,) * len(start)
-            if (
-                any(
-                    (start[a], limit[a], strides[a]) != (0, shape[a], 1)
-                    for a in range(1, len(shape))
-                )
-                or strides[0] != 1
-            ):
-                return None
-            begin, size = start[0], limit[0] - start[0]
-        else:
-            sizes = eqn.params["slice_sizes"]
-            if tuple(sizes[1:]) != tuple(shape[1:]):
-                return None
-            begin, size = rest[0], sizes[0]
+        static = eqn.primitive is P.slice_p
+        if static and strides[0] != 1:
+            return None
+        begin, size = (starts[0] if static else rest[0]), sizes[0]
 
         def cut(array):
             if array is None:
                 return None
-            if eqn.primitive is P.slice_p:
+            if static:
                 return jax.lax.slice_in_dim(array, begin, begin + size, axis=0)
             return jax.lax.dynamic_slice_in_dim(array, begin, size, axis=0)
 
         layout = dataclasses.replace(self.layout, weight_shape=(size, *shape[1:]))
         return dataclasses.replace(
             self,
-            codes=cut(self.codes),
-            absmax=cut(self.absmax),
-            absmax_codes=cut(self.absmax_codes),
-            absmax_scales=cut(self.absmax_scales),
-            absmax_offset=cut(self.absmax_offset),
+            **{name: cut(getattr(self, name)) for name in ARRAYS},
             layout=layout,
             shape=tuple(layout.weight_shape),
         )
@@ -208,20 +194,14 @@ class QuantizedWeight(WeightNode):
         layout = self.layout
         if self.ops or not layout.stack_axes or layout.stack_axes[0] != 0:
             return None
-        inner = Layout(
-            tuple(layout.weight_shape[1:]),
-            tuple(a - 1 for a in layout.stack_axes[1:]),
-            tuple(a - 1 for a in layout.in_axes),
-            tuple(a - 1 for a in layout.out_axes),
-        )
+        inner = Layout.from_kinds(layout.weight_shape[1:], layout.kinds()[1:])
         return dataclasses.replace(self, layout=inner, shape=tuple(inner.weight_shape))
 
     # -- size -------------------------------------------------------------------------
 
     def nbytes(self) -> int:
         """Bytes held by the encoded arrays."""
-        arrays = [self.codes, self.absmax, self.absmax_codes, self.absmax_scales]
-        arrays.append(self.absmax_offset)
+        arrays = [getattr(self, name) for name in ARRAYS]
         return sum(
             math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays if a is not None
         )
@@ -229,7 +209,7 @@ class QuantizedWeight(WeightNode):
 
 jax.tree_util.register_dataclass(
     QuantizedWeight,
-    data_fields=["codes", "absmax", "absmax_codes", "absmax_scales", "absmax_offset"],
+    data_fields=list(ARRAYS),
     meta_fields=["kind", "layout", "dtype", "block_size", "ops", "shape", "quant_dtype"],
 )
 

@@ -213,8 +213,6 @@ def callable_selector(selector: Any) -> bool:
     return callable(selector) and not isinstance(selector, str)
 
 
-
-
 def _leaf_name(path: Path) -> str:
     parts = path.split("/")
     if len(parts) > 1 and parts[-1] == "value":  # NNX variables: .../kernel/value

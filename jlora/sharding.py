@@ -34,6 +34,7 @@ base weight that the model's own step does not.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -133,16 +134,27 @@ def field_specs(
       True
     """
     groups = _group_entries(node.layout, spec, mesh_shape)
-    out = {}
-    for name, signature in node.SIGNATURES.items():
-        entries: list[Any] = []
-        for token in signature:
-            if token == "S":
-                entries.extend(groups["S"])
-            else:
-                entries.append(groups.get(token))
-        out[name] = PartitionSpec(*entries)
-    return out
+    return {name: _signature_spec(sig, groups) for name, sig in node.SIGNATURES.items()}
+
+
+def _signature_spec(signature: tuple[str, ...], groups: Mapping[str, Any]) -> PartitionSpec:
+    """An array's ``PartitionSpec``: each signature token takes its group's entries."""
+    entries: list[Any] = []
+    for token in signature:
+        if token == "S":
+            entries.extend(groups["S"])
+        else:
+            entries.append(groups.get(token))
+    return PartitionSpec(*entries)
+
+
+def _dividing(kept: tuple[str, ...], candidates, size: int, mesh_shape) -> tuple[str, ...]:
+    """``kept`` plus each candidate mesh axis that still divides ``size``, in order."""
+    ways = math.prod(mesh_shape[name] for name in kept)
+    for name in candidates:
+        if size % (ways * mesh_shape[name]) == 0:
+            kept, ways = (*kept, name), ways * mesh_shape[name]
+    return kept
 
 
 def _group_entries(
@@ -163,14 +175,9 @@ def _group_entries(
         return tuple(name for i in axes for name in _mesh_axes(entries[i]))
 
     def flat(own: tuple[int, ...], other: tuple[int, ...], size: int) -> Any:
-        kept = names(own)
         if mesh_shape is None:
-            return _entry(kept)
-        ways = math.prod(mesh_shape[name] for name in kept)
-        for name in names(other):
-            if size % (ways * mesh_shape[name]) == 0:
-                kept, ways = (*kept, name), ways * mesh_shape[name]
-        return _entry(kept)
+            return _entry(names(own))
+        return _entry(_dividing(names(own), names(other), size, mesh_shape))
 
     return {
         "S": stack,
@@ -355,50 +362,26 @@ def quantized_shardings(qparams: Params, param_shardings: Any) -> Params:
                 f"quantized_shardings: expected a NamedSharding for a quantized weight; "
                 f"found {type(sharding).__name__} {sharding}"
             )
-        layout = node.layout
-        entries = tuple(sharding.spec) + (None,) * (len(layout.weight_shape) - len(sharding.spec))
-        stack = [entries[i] for i in layout.stack_axes]
-        feature_axes = layout.in_axes + layout.out_axes
-        names = tuple(n for i in feature_axes for n in _mesh_axes(entries[i]))
-        groups = _group_entries(layout, sharding.spec, None)
+        layout, mesh_shape = node.layout, sharding.mesh.shape
+        groups = dict(_group_entries(layout, sharding.spec, None))
+        # Packed codes and block scales: every mesh axis of the weight's features that
+        # divides the array's flat axis.
+        features = _mesh_axes(groups["I"]) + _mesh_axes(groups["O"])
+        for token, size in (("I", layout.in_features), ("O", layout.out_features)):
+            ways = math.prod(mesh_shape[a] for a in _mesh_axes(groups[token]))
+            groups[token] = groups[token] if size % ways == 0 else None
         arrays = {}
         for name, signature in node.SIGNATURES.items():
             array = getattr(node, name)
-            if array is None:
-                arrays[name] = None
-                continue
-            spec: list[Any] = []
-            stack_entries = iter(stack)
-            for token, size in zip(_expand(signature, len(stack)), array.shape):
-                if token == "S":
-                    spec.append(next(stack_entries))
-                elif token == "P":
-                    kept, ways = (), 1
-                    for axis in names:
-                        if size % (ways * sharding.mesh.shape[axis]) == 0:
-                            kept, ways = (*kept, axis), ways * sharding.mesh.shape[axis]
-                    spec.append(_entry(kept))
-                else:
-                    entry = groups[token]
-                    ways = math.prod(sharding.mesh.shape[a] for a in _mesh_axes(entry))
-                    spec.append(entry if size % ways == 0 else None)
-            arrays[name] = NamedSharding(sharding.mesh, PartitionSpec(*spec))
-        return node.__class__(**{**_static_fields(node), **arrays})
+            if array is not None:
+                packed = None  # "P" is the last axis, where a signature has one
+                if "P" in signature:
+                    packed = _entry(_dividing((), features, array.shape[-1], mesh_shape))
+                spec = _signature_spec(signature, {**groups, "P": packed})
+                arrays[name] = NamedSharding(sharding.mesh, spec)
+        return dataclasses.replace(node, **arrays)
 
     return jax.tree_util.tree_map(one, qparams, param_shardings, is_leaf=is_node)
-
-
-def _expand(signature: tuple[str, ...], n_stack: int) -> list[str]:
-    out: list[str] = []
-    for token in signature:
-        out.extend(["S"] * n_stack if token == "S" else [token])
-    return out
-
-
-def _static_fields(node: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
 
 
 def state_shardings(state: Any, adapter_shardings: Adapters, *, default: Any = None) -> Any:
