@@ -56,37 +56,42 @@ def dora_weight(xp, weight, node, detach):
     return _ungrouped(xp, updated * (node.magnitude / norm)[..., None, :], layout)
 
 
-def reference_params_f64(params, adapters):
-    """Every DoRA target merged in float64 numpy, then cast to the weight's dtype."""
+def _with_merged(params, adapters, merge):
+    """``params`` with each adapted leaf replaced by ``merge(leaf, node)``."""
     nodes = dict(jlora._tree.adapter_items(adapters))
 
     def one(kp, leaf):
         node = nodes.get(path_str(kp))
-        if node is None:
-            return leaf
+        return leaf if node is None else merge(leaf, node)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def reference_params_f64(params, adapters):
+    """Every DoRA target merged in float64 numpy, then cast to the weight's dtype."""
+
+    def merge(leaf, node):
         wide = jax.tree.map(lambda x: np.asarray(x, np.float64), node)
         merged = dora_weight(np, np.asarray(leaf, np.float64), wide, detach=lambda n: n)
         return jnp.asarray(merged.astype(np.asarray(leaf).dtype))
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return _with_merged(params, adapters, merge)
 
 
 def reference_params_jnp(params, adapters):
     """The same formula in jnp, differentiable, with the norm detached as PEFT does."""
-    nodes = dict(jlora._tree.adapter_items(adapters))
 
-    def one(kp, leaf):
-        node = nodes.get(path_str(kp))
-        if node is None:
-            return leaf
+    def merge(leaf, node):
         return dora_weight(jnp, leaf, node, detach=jax.lax.stop_gradient).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return _with_merged(params, adapters, merge)
 
 
 def check_against_reference(fn, params, adapters, args, *, use_jit, rtol=1e-5):
+    """lora(fn) on ``params`` (quantized or not) against the formula on their dense weights."""
     lora_fn = jlora.lora(fn)
     out_key = jax.random.key(7)
+    base = jlora.dequantize(params)
 
     def factored(a):
         return lora_fn(params, a, *args)
@@ -95,11 +100,11 @@ def check_against_reference(fn, params, adapters, args, *, use_jit, rtol=1e-5):
         return projection_loss(factored(a), out_key)
 
     def loss_reference(a):
-        return projection_loss(fn(reference_params_jnp(params, a), *args), out_key)
+        return projection_loss(fn(reference_params_jnp(base, a), *args), out_key)
 
     if use_jit:
         factored, loss_factored = jax.jit(factored), jax.jit(loss_factored)
-    want = jax.jit(fn)(reference_params_f64(params, adapters), *args)
+    want = jax.jit(fn)(reference_params_f64(base, adapters), *args)
     got = factored(adapters)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.abs(want).max()))
     want_grads = jax.jit(jax.grad(loss_reference))(adapters)  # the reference, compiled

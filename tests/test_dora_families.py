@@ -4,13 +4,11 @@ on an NF4 base, against the formula on the dequantized weights (``tests/test_dor
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jlora
-from tests.test_core import assert_all_factored, assert_trees_close, perturb, projection_loss
-from tests.test_dora import reference_params_f64, reference_params_jnp
+from tests.test_core import assert_all_factored, perturb
+from tests.test_dora import check_against_reference
 
 # ------------------------------------------------------------------------------------
 # the model families: NNX, Equinox, Hugging Face GPT-2 / Llama / BERT
@@ -44,19 +42,5 @@ def test_dora_on_every_family(name, quantized):
     spec = jlora.LoraSpec(rank=2, alpha=4.0, targets=family.targets, dora=True)
     adapters = jlora.init(spec, params, jax.random.key(1), fn=family.fn, args=family.args)
     adapters = perturb(adapters, jax.random.key(2), scale=0.2)
-    base = jlora.dequantize(params)
-    key = jax.random.key(3)
-
-    def ours(a):
-        return projection_loss(jax.jit(jlora.lora(family.fn))(params, a, *family.args), key)
-
-    def reference(a):
-        return projection_loss(family.fn(reference_params_jnp(base, a), *family.args), key)
-
-    want = jax.jit(family.fn)(reference_params_f64(base, adapters), *family.args)
-    got = jax.jit(jlora.lora(family.fn))(params, adapters, *family.args)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-    assert_trees_close(
-        jax.jit(jax.grad(ours))(adapters), jax.jit(jax.grad(reference))(adapters), rtol=1e-5
-    )
+    check_against_reference(family.fn, params, adapters, family.args, use_jit=True)
     assert_all_factored(family.fn, params, adapters, *family.args)
