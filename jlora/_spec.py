@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from jlora._adapter import NOT_WEIGHTS, lora_scale
 from jlora._paths import describe, leaves_with_paths, shape_of
+from jlora._regex import compile_trusted, compile_untrusted
 from jlora._types import Params, Path, Selector
 from jlora._weights import is_weight_node
 
@@ -94,9 +96,16 @@ class LoraSpec:
             )
         for field in ("targets", "exclude", "trainable"):
             object.__setattr__(self, field, _as_selector(getattr(self, field), field))
-        if not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+        for field in ("targets", "exclude", "trainable"):
+            if isinstance(getattr(self, field), str):
+                compile_trusted(getattr(self, field), what=f"LoraSpec.{field}")
+        if (
+            isinstance(self.rank, (bool, np.bool_))
+            or not isinstance(self.rank, (int, np.integer))
+            or self.rank <= 0
+        ):
             raise ValueError(f"LoraSpec.rank must be a positive integer; found {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if not _real(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1); found {self.dropout!r}")
         if not isinstance(self.dora, (bool, np.bool_)):
             raise TypeError(f"LoraSpec.dora must be a bool; found {self.dora!r}")
@@ -107,11 +116,27 @@ class LoraSpec:
             if pattern is not None:
                 object.__setattr__(self, field, dict(pattern))
                 for regex in pattern:
-                    re.compile(regex)
+                    compile_trusted(regex, what=f"LoraSpec.{field} key")
+        if not _real(self.alpha) or not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(
+                f"LoraSpec.alpha must be a finite non-negative number; found {self.alpha!r}"
+            )
+        if not isinstance(self.rslora, (bool, np.bool_)):
+            raise TypeError(f"LoraSpec.rslora must be a bool; found {self.rslora!r}")
         for regex, rank in (self.rank_pattern or {}).items():
-            if not isinstance(rank, (int, np.integer)) or rank <= 0:
+            if (
+                isinstance(rank, (bool, np.bool_))
+                or not isinstance(rank, (int, np.integer))
+                or rank <= 0
+            ):
                 raise ValueError(
                     f"LoraSpec.rank_pattern[{regex!r}] must be a positive integer; found {rank!r}"
+                )
+        for regex, alpha in (self.alpha_pattern or {}).items():
+            if not _real(alpha) or not math.isfinite(alpha) or alpha < 0:
+                raise ValueError(
+                    f"LoraSpec.alpha_pattern[{regex!r}] must be a finite non-negative "
+                    f"number; found {alpha!r}"
                 )
 
     # -- per-path hyper-parameters ---------------------------------------------------
@@ -153,13 +178,33 @@ class LoraSpec:
         leaves = leaves_with_paths(params, is_leaf=is_weight_node)
         chosen = [(path, leaf) for path, leaf in leaves if self.is_target(path, leaf)]
         if not chosen:
-            candidates = [p for p, leaf in leaves if _eligible(leaf, p)] or [p for p, _ in leaves]
+            integer = [
+                (path, leaf)
+                for path, leaf in leaves
+                if not callable_selector(self.targets)
+                and _matches(self.targets, path, leaf, need_matrix=False)
+                and getattr(leaf, "dtype", None) is not None
+                and not _is_floating(leaf)
+                and len(shape_of(leaf)) >= 2
+            ]
+            if integer:
+                path, leaf = integer[0]
+                raise ValueError(
+                    f"LoraSpec.targets={self.targets!r} names only non-floating leaves, "
+                    f"such as {path!r} ({describe(leaf)}): LoRA needs a floating-point "
+                    "weight. Dequantize it first, or quantize a floating base with "
+                    "jlora.quantize so that jlora knows how to decode it."
+                )
+            eligible = [p for p, leaf in leaves if _eligible(leaf, p)]
+            heading = "Candidate paths (floating, ndim >= 2)"
+            if not eligible:
+                heading = "No leaf is floating with ndim >= 2; all leaves"
+            candidates = eligible or [f"{p} ({describe(leaf)})" for p, leaf in leaves]
             shown = "\n  ".join(candidates[:12])
             more = f"\n  ... and {len(candidates) - 12} more" if len(candidates) > 12 else ""
             raise ValueError(
                 f"LoraSpec.targets={self.targets!r} matches no leaf of params "
-                f"({len(leaves)} leaves). Candidate paths (floating, ndim >= 2):\n  "
-                f"{shown}{more}"
+                f"({len(leaves)} leaves). {heading}:\n  {shown}{more}"
             )
         for path, leaf in chosen:
             if not _is_floating(leaf):
@@ -185,8 +230,23 @@ class LoraSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, targets: Selector | None = None) -> LoraSpec:
-        """Rebuild a spec from ``to_dict`` output; ``targets`` replaces a callable."""
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        targets: Selector | None = None,
+        source: str | os.PathLike | None = None,
+    ) -> LoraSpec:
+        """Rebuild a spec from ``to_dict`` output; ``targets`` replaces a callable.
+
+        With ``source`` (the file ``data`` was read from) every value is untrusted:
+        regexes must be RE2 (linear-time) patterns, and any bad value raises
+        :class:`jlora.FileFormatError` naming ``source`` and the key.
+        """
+        from jlora.errors import FileFormatError
+
+        if source is not None and not isinstance(data, Mapping):
+            raise FileFormatError(source, key="spec", expected="a JSON object", found=data)
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         for name in ("targets", "exclude", "trainable"):
@@ -194,7 +254,32 @@ class LoraSpec:
                 kwargs[name] = None
         if targets is not None or kwargs.get("targets") is None:
             kwargs["targets"] = targets if targets is not None else ".*"
-        return cls(**kwargs)
+        if source is None:
+            return cls(**kwargs)
+        for name in ("targets", "exclude", "trainable"):
+            value = kwargs.get(name)
+            if isinstance(value, str):
+                compile_untrusted(value, file=source, key=f"spec.{name}")
+            elif value is not None and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise FileFormatError(
+                    source, key=f"spec.{name}", expected="a regex or a list of names", found=value
+                )
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise FileFormatError(
+                    source, key=f"spec.{name}", expected="an object {regex: value}", found=value
+                )
+            for regex in value:
+                compile_untrusted(regex, file=source, key=f"spec.{name}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise FileFormatError(source, f"the saved spec is invalid: {error}") from None
 
 
 def _pattern_value(pattern: Mapping[str, Any] | None, path: Path, default: Any) -> Any:
@@ -202,8 +287,8 @@ def _pattern_value(pattern: Mapping[str, Any] | None, path: Path, default: Any) 
         return default
     module_path = path.rsplit("/", 1)[0] if "/" in path else path
     for regex, value in pattern.items():
-        anchored = rf"(?:.*/)?(?:{regex})"
-        if re.fullmatch(anchored, module_path) or re.fullmatch(anchored, path):
+        anchored = compile_trusted(rf"(?:.*/)?(?:{regex})", what="LoraSpec pattern key")
+        if anchored.fullmatch(module_path) or anchored.fullmatch(path):
             return value
     return default
 
@@ -211,6 +296,13 @@ def _pattern_value(pattern: Mapping[str, Any] | None, path: Path, default: Any) 
 def callable_selector(selector: Any) -> bool:
     """Whether a selector is a predicate (rather than a regex or a list of names)."""
     return callable(selector) and not isinstance(selector, str)
+
+
+def _real(value: Any) -> bool:
+    """An int or float (numpy included), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 def _leaf_name(path: Path) -> str:
@@ -237,7 +329,7 @@ def _matches(selector: Any, path: Path, leaf: Any, *, need_matrix: bool) -> bool
     if need_matrix and not _eligible(leaf, path):
         return False
     if isinstance(selector, str):
-        return re.fullmatch(selector, path) is not None
+        return compile_trusted(selector, what="LoraSpec selector").fullmatch(path) is not None
     parts = path.split("/")
     module_parts = parts[:-1] if need_matrix else parts
     return any(name in module_parts for name in selector)

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,11 +30,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jlora import _io
 from jlora._adapter import KINDS, Layout, LoraAdapter, is_adapter
 from jlora._paths import describe, path_str, shape_of
+from jlora._regex import compile_untrusted
 from jlora._spec import LoraSpec
 from jlora._tree import adapter_items
 from jlora._types import Adapters, Path
+from jlora.errors import DamagedCheckpointError, FileFormatError, MissingFileError
 
 __all__ = ["load", "read_metadata", "resolve", "save"]
 
@@ -71,15 +76,20 @@ def save(
       step: a training step: write through an Orbax ``CheckpointManager``.
       max_to_keep: with ``step``, keep only the newest ``max_to_keep`` steps.
       overwrite: replace an existing checkpoint (same ``directory``, or same
-        ``step``). The old one is deleted before the new one is written.
+        ``step``). The new one is written complete beside the old one, which is
+        deleted only after the new one has taken its place; a directory that is not
+        a jlora checkpoint is never replaced.
 
     Returns:
       The path of the checkpoint written (``directory`` or its step directory).
 
     Raises:
       ValueError: the checkpoint exists and ``overwrite`` is False, ``adapters``
-        holds no adapter, or ``directory`` holds checkpoints of the other kind
-        (steps versus a single checkpoint).
+        holds no adapter, ``max_to_keep`` is not a positive integer, or
+        ``directory`` holds checkpoints of the other kind (steps versus a single
+        checkpoint).
+      jlora.WriteRefusedError: ``directory`` is a symbolic link, or ``overwrite``
+        would replace a directory that is not a jlora checkpoint.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -105,6 +115,17 @@ def save(
         }
     )
     root = _as_path(directory)
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, (int, np.integer))
+        or max_to_keep < 1
+    ):
+        raise ValueError(
+            f"save: max_to_keep must be a positive integer or None (keep every step); found "
+            f"{max_to_keep!r}"
+        )
+    local = "://" not in str(root)
+    if local:
+        _io.check_target(str(root), what="save: checkpoint directory")
     if step is None:
         if _step_paths(root):
             raise ValueError(
@@ -116,8 +137,11 @@ def save(
                 f"save: {str(root)!r} already exists; pass overwrite=True to replace it, "
                 "or step= to keep several checkpoints"
             )
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            checkpointer.save(root, args=args, force=overwrite)
+        if local:
+            _write_replacing(root, args)
+        else:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+                checkpointer.save(root, args=args, force=overwrite)
         return root
     step = _check_step(step)
     if _is_checkpoint(root):
@@ -125,6 +149,17 @@ def save(
             f"save: {str(root)!r} is a single checkpoint (saved without step=); steps "
             "need a directory of their own"
         )
+    if local and (root / str(step)).exists():
+        if not overwrite:
+            raise ValueError(
+                f"save: step {step} already exists in {str(root)!r}; pass "
+                "overwrite=True to replace it"
+            )
+        # The old step stays whole until the new one is complete (Orbax's own
+        # overwrite deletes it first).
+        _io.check_target(str(root / str(step)), what="save: step directory")
+        _write_replacing(root / str(step), args)
+        return root / str(step)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
     )
@@ -139,6 +174,21 @@ def save(
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
     return root / str(step)
+
+
+def _write_replacing(path: epath.Path, args: Any) -> None:
+    """Write a checkpoint at ``path``, replacing one there only once the new one is complete."""
+
+    def build(fresh: str) -> None:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(epath.Path(fresh), args=args)
+
+    _io.replace_dir(
+        str(path),
+        build,
+        replaceable=lambda existing: _is_checkpoint(epath.Path(existing)),
+        what="save: checkpoint",
+    )
 
 
 def _arrays_of(node: Any) -> Any:
@@ -187,6 +237,7 @@ def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
                     "dtype": {
                         name: str(jnp.dtype(array.dtype)) for name, array in node.arrays().items()
                     },
+                    "crc32": _checksums(node.arrays()),
                 }
             )
         else:
@@ -196,6 +247,7 @@ def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
                     "kind": "trainable",
                     "shape": list(shape_of(node)),
                     "dtype": str(jnp.dtype(node.dtype)),
+                    "crc32": _checksums({"value": node}),
                 }
             )
     return {
@@ -205,6 +257,20 @@ def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
         "entries": entries,
         "bytes": sum(_nbytes(x) for _, n in items for x in jax.tree_util.tree_leaves(n)),
     }
+
+
+def _checksums(arrays: Mapping[str, Any]) -> dict[str, int] | None:
+    """CRC-32 of each array's bytes, so a load notices a corrupted array file.
+
+    None when an array is not fully addressable from this process (a multi-host
+    sharded array): then only Orbax's own checks apply.
+    """
+    out = {}
+    for name, array in arrays.items():
+        if isinstance(array, jax.Array) and not array.is_fully_addressable:
+            return None
+        out[name] = zlib.crc32(np.ascontiguousarray(np.asarray(array)).view(np.uint8))
+    return out
 
 
 def _nbytes(array: Any) -> int:
@@ -262,8 +328,10 @@ def resolve(directory: str | os.PathLike, *, step: int | None = None) -> epath.P
     step is taken. Steps whose save did not finish are never chosen.
 
     Raises:
-      FileNotFoundError: no complete checkpoint is there; the message says what was
-        found instead (an interrupted save, other steps, another kind of file).
+      jlora.MissingFileError: no complete checkpoint is there; the message says what
+        was found instead (an interrupted save, other steps, another kind of file).
+        It subclasses ``FileNotFoundError``.
+      jlora.DamagedCheckpointError: the checkpoint or step asked for lacks an item.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -278,6 +346,15 @@ def resolve(directory: str | os.PathLike, *, step: int | None = None) -> epath.P
       '2'
     """
     root = _as_path(directory)
+    if "://" not in str(root) and not root.exists():
+        old = _io.previous(str(root))
+        if old is not None:
+            warnings.warn(
+                f"{str(root)!r} is missing but an interrupted save left its previous version "
+                f"at {old!r}; reading that",
+                stacklevel=2,
+            )
+            root = epath.Path(old)
     steps = _step_paths(root)
     if step is not None:
         step = _check_step(step)
@@ -285,11 +362,16 @@ def resolve(directory: str | os.PathLike, *, step: int | None = None) -> epath.P
             return steps[step]
         pending = [n for n in _interrupted(root) if n.split(".", 1)[0] == str(step)]
         if pending:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"step {step} in {str(root)!r} is incomplete: its save was interrupted "
                 f"(found {pending[0]!r}). Complete steps: {sorted(steps) or 'none'}"
             )
-        raise FileNotFoundError(
+        if (root / str(step)).is_dir():
+            missing = [item for item in _ITEMS if not (root / str(step) / item).is_dir()]
+            raise DamagedCheckpointError(
+                str(root / str(step)), f"its item(s) {missing} are missing", step=step
+            )
+        raise MissingFileError(
             f"no step {step} in {str(root)!r}; complete steps: {sorted(steps) or 'none'}"
         )
     if _is_checkpoint(root) and not ocp.step.is_path_temporary(root):
@@ -298,18 +380,21 @@ def resolve(directory: str | os.PathLike, *, step: int | None = None) -> epath.P
         return steps[max(steps)]
     pending = _interrupted(root)
     if pending:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no complete jlora checkpoint at {str(root)!r}: a save there was "
             f"interrupted (found {pending[0]!r}) and no earlier one is complete"
         )
     if not root.exists():
-        raise FileNotFoundError(f"no jlora checkpoint at {str(root)!r}: it does not exist")
+        raise MissingFileError(f"no jlora checkpoint at {str(root)!r}: it does not exist")
     if (root / "adapter_config.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(root)!r} is a Hugging Face PEFT adapter, not an Orbax checkpoint: read "
             "it with jlora.peft.load"
         )
-    raise FileNotFoundError(
+    if (root / METADATA_ITEM).is_dir() or (root / ARRAYS_ITEM).is_dir():
+        missing = [item for item in _ITEMS if not (root / item).is_dir()]
+        raise DamagedCheckpointError(str(root), f"its item(s) {missing} are missing")
+    raise MissingFileError(
         f"no jlora checkpoint at {str(root)!r}: expected the items {list(_ITEMS)} (a "
         "checkpoint written by jlora.save) or numbered step directories holding them"
     )
@@ -328,18 +413,123 @@ def read_metadata(directory: str | os.PathLike, *, step: int | None = None) -> d
       ['w']
     """
     path = resolve(directory, step=step)
-    metadata = json.loads((path / METADATA_ITEM / "metadata").read_text())
+    return _read_metadata(path)
+
+
+def _step_of(path: epath.Path) -> int | None:
+    return int(path.name) if path.name.isdigit() else None
+
+
+def _read_metadata(path: epath.Path) -> dict[str, Any]:
+    """The checked metadata of the checkpoint at ``path`` (every value validated)."""
+    file = str(path / METADATA_ITEM / "metadata")
+
+    def damaged(message: str, **kwargs: Any) -> DamagedCheckpointError:
+        return DamagedCheckpointError(file, message, step=_step_of(path), **kwargs)
+
+    try:
+        metadata = json.loads((path / METADATA_ITEM / "metadata").read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise damaged("its metadata file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise damaged(f"its metadata is not valid UTF-8 JSON ({error})") from None
+    except OSError as error:
+        raise damaged(f"its metadata cannot be read ({error.strerror})") from None
+    if not isinstance(metadata, dict):
+        raise damaged("bad metadata", key="(top level)", expected="a JSON object",
+                      found=type(metadata).__name__)
     if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{str(path)!r} is not a jlora checkpoint: its {METADATA_ITEM!r} item has "
-            f"format {metadata.get('format')!r}, expected {FORMAT!r}"
+        raise FileFormatError(
+            file, f"{str(path)!r} is not a jlora checkpoint", key="format",
+            expected=repr(FORMAT), found=metadata.get("format"),
         )
-    if int(metadata.get("version", 0)) > VERSION:
-        raise ValueError(
-            f"{str(path)!r} was written by a newer jlora (checkpoint version "
-            f"{metadata['version']}; this jlora reads up to {VERSION}): upgrade jlora"
+    version = metadata.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise damaged("bad metadata", key="version", expected="a positive integer",
+                      found=version)
+    if version > VERSION:
+        raise FileFormatError(
+            file,
+            f"written by a newer jlora (checkpoint version {version}; this jlora reads up "
+            f"to {VERSION}): upgrade jlora",
         )
+    entries = metadata.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise damaged("bad metadata", key="entries", expected="a non-empty list",
+                      found=entries)
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        _check_entry(entry, f"entries[{index}]", seen, damaged)
+    if not isinstance(metadata.get("spec"), dict):
+        raise damaged("bad metadata", key="spec", expected="a JSON object",
+                      found=metadata.get("spec"))
     return metadata
+
+
+def _floating_dtype(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        return False
+
+
+def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
+    """One metadata entry: every field of the right type and range, shapes consistent."""
+    if not isinstance(entry, dict):
+        raise damaged("bad metadata", key=key, expected="a JSON object", found=entry)
+    path = entry.get("path")
+    if not isinstance(path, str) or not path or path in seen or "." in path:
+        raise damaged("bad metadata", key=f"{key}.path",
+                      expected="a unique non-empty leaf path", found=path)
+    seen.add(path)
+    kind = entry.get("kind")
+    if kind == "trainable":
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise damaged("bad metadata", key=f"{key}.shape",
+                          expected="a list of non-negative integers", found=shape, entry=path)
+        if not _floating_dtype(entry.get("dtype")):
+            raise damaged("bad metadata", key=f"{key}.dtype",
+                          expected="a floating dtype name", found=entry.get("dtype"), entry=path)
+        return
+    if kind not in KINDS:
+        raise damaged("bad metadata", key=f"{key}.kind",
+                      expected=f"one of {[*sorted(KINDS), 'trainable']}", found=kind, entry=path)
+    rank = entry.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise damaged("bad metadata", key=f"{key}.rank", expected="a positive integer",
+                      found=rank, entry=path)
+    for field, low, high in (("scale", -math.inf, math.inf), ("dropout", 0.0, 1.0)):
+        value = entry.get(field)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not low <= value < high:
+            expected = "a finite number" if field == "scale" else "a number in [0, 1)"
+            raise damaged("bad metadata", key=f"{key}.{field}", expected=expected,
+                          found=value, entry=path)
+    try:
+        layout = Layout.from_dict(entry.get("layout"))
+    except (TypeError, ValueError, AttributeError) as error:
+        raise damaged(f"bad layout ({error})", key=f"{key}.layout", entry=path) from None
+    if any(n < 0 for n in layout.weight_shape):
+        raise damaged("bad metadata", key=f"{key}.layout", expected="non-negative sizes",
+                      found=list(layout.weight_shape), entry=path)
+    dtypes = entry.get("dtype")
+    names = set(KINDS[kind].SIGNATURES)
+    if not isinstance(dtypes, dict) or set(dtypes) != names or not all(
+        _floating_dtype(v) for v in dtypes.values()
+    ):
+        raise damaged("bad metadata", key=f"{key}.dtype",
+                      expected=f"floating dtype names for {sorted(names)}", found=dtypes,
+                      entry=path)
+    checksums = entry.get("crc32")
+    if checksums is not None and (
+        not isinstance(checksums, dict)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in checksums.values())
+    ):
+        raise damaged("bad metadata", key=f"{key}.crc32", expected="integers per field",
+                      found=checksums, entry=path)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -372,7 +562,11 @@ def load(
       ``trainable``), the returned spec targets the saved paths instead.
 
     Raises:
-      FileNotFoundError: no complete checkpoint (see :func:`resolve`).
+      jlora.MissingFileError: no complete checkpoint (see :func:`resolve`).
+      jlora.DamagedCheckpointError: the step is damaged (a missing or corrupt array
+        file, edited metadata); it names the step and, where it can, the entry.
+        Without ``step``, a damaged newest step is skipped with a warning and the
+        newest undamaged one is loaded; this error comes only when all are damaged.
       ValueError: ``like`` has other paths, shapes or layouts than the checkpoint
         (the message names the first mismatch).
 
@@ -388,22 +582,58 @@ def load(
       True
     """
     path = resolve(directory, step=step)
-    metadata = read_metadata(path)
+    root = _as_path(directory)
+    if step is not None or path == root or _is_checkpoint(root):
+        return _load_one(path, like)
+    # Newest complete step first; a damaged one is skipped, with a warning.
+    damage: list[DamagedCheckpointError] = []
+    for candidate in sorted(_step_paths(path.parent), reverse=True):
+        try:
+            loaded = _load_one(path.parent / str(candidate), like)
+        except DamagedCheckpointError as error:
+            damage.append(error)
+            continue
+        if damage:
+            warnings.warn(
+                f"jlora.load: loaded step {candidate} of {str(path.parent)!r} because newer "
+                f"steps are damaged: {'; '.join(str(e) for e in damage)}",
+                stacklevel=2,
+            )
+        return loaded
+    raise damage[0]
+
+
+def _load_one(path: epath.Path, like: Adapters | None) -> tuple[Adapters, LoraSpec]:
+    metadata = _read_metadata(path)
+    file = str(path / METADATA_ITEM / "metadata")
     entries = {entry["path"]: entry for entry in metadata["entries"]}
-    spec = _spec_from(metadata)
+    spec = _spec_from(metadata, file)
     if like is None:
         targets = {p: _default_target(entry) for p, entry in entries.items()}
     else:
         targets = _targets_like(like, entries, path)
     restore_args = _nest({p: _restore_args(t) for p, t in targets.items()})
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            path,
-            args=ocp.args.Composite(
-                **{ARRAYS_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}
-            ),
-        )[ARRAYS_ITEM]
-    nodes = {p: _node(entry, _leaf(restored, p)) for p, entry in entries.items()}
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(
+                path,
+                args=ocp.args.Composite(
+                    **{ARRAYS_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}
+                ),
+            )[ARRAYS_ITEM]
+        arrays = {p: _leaf(restored, p) for p in entries}
+    except Exception as error:  # Orbax and tensorstore raise many types for bad files
+        text = " ".join(str(error).split())[:300]
+        named = [p for p in entries if p in text or p.replace("/", ".") in text]
+        raise DamagedCheckpointError(
+            str(path / ARRAYS_ITEM),
+            f"its arrays cannot be read ({type(error).__name__}: {text})",
+            step=_step_of(path),
+            entry=named[0] if len(named) == 1 else None,
+        ) from None
+    for leaf_path, entry in entries.items():
+        _check_arrays(path, leaf_path, entry, arrays[leaf_path], targets[leaf_path])
+    nodes = {p: _node(entry, arrays[p]) for p, entry in entries.items()}
     if like is None:
         return _nest(nodes), spec
 
@@ -413,20 +643,78 @@ def load(
     return jax.tree_util.tree_map_with_path(place, like, is_leaf=is_adapter), spec
 
 
-def _spec_from(metadata: Mapping[str, Any]) -> LoraSpec:
+def _check_arrays(path: epath.Path, leaf_path: Path, entry, arrays: Any, target: Any) -> None:
+    """The restored arrays have the metadata's shapes, and their saved checksums."""
+    named = arrays if isinstance(arrays, dict) else {"value": arrays}
+    wanted = target if isinstance(target, dict) else {"value": target}
+    for name, array in named.items():
+        if name not in wanted or shape_of(array) != shape_of(wanted[name]):
+            raise DamagedCheckpointError(
+                str(path / ARRAYS_ITEM),
+                f"field {name!r} has shape {list(shape_of(array))} but the metadata "
+                f"gives {list(shape_of(wanted.get(name)))}",
+                step=_step_of(path),
+                entry=leaf_path,
+            )
+    checksums = entry.get("crc32")
+    if not checksums:
+        return
+    for name, array in named.items():
+        if isinstance(array, jax.Array) and not array.is_fully_addressable:
+            return
+        saved_dtype = entry["dtype"][name] if isinstance(entry["dtype"], dict) else entry["dtype"]
+        if name not in checksums or str(jnp.dtype(array.dtype)) != saved_dtype:
+            continue  # restored in another dtype (like=...): the bytes differ by design
+        found = zlib.crc32(np.ascontiguousarray(np.asarray(array)).view(np.uint8))
+        if found != checksums[name]:
+            raise DamagedCheckpointError(
+                str(path / ARRAYS_ITEM),
+                f"field {name!r} does not match the checksum saved with it (the array "
+                "file is corrupt)",
+                step=_step_of(path),
+                entry=leaf_path,
+            )
+
+
+def _spec_from(metadata: Mapping[str, Any], file: str | None = None) -> LoraSpec:
     data = dict(metadata["spec"])
     entries = metadata["entries"]
     lora_paths = [e["path"] for e in entries if e["kind"] in KINDS]
     copies = [e["path"] for e in entries if e["kind"] == "trainable"]
+    # A selector RE2 cannot match in linear time (a look-around the user wrote) is
+    # not run from a file: the saved paths stand in for it, as for a callable.
+    replaced = [
+        name
+        for name in ("targets", "exclude", "trainable")
+        if isinstance(data.get(name), str) and not _re2_ok(data[name])
+    ]
+    for name in replaced:
+        data[name] = {"callable": data[name]}
+    if replaced:
+        warnings.warn(
+            f"the checkpoint's spec has {replaced} regexes that RE2 cannot match in linear "
+            "time; the loaded spec selects the saved paths instead",
+            stacklevel=3,
+        )
+    if isinstance(data.get("exclude"), dict):
+        data["exclude"] = None
     targets = _paths_regex(lora_paths) if isinstance(data.get("targets"), dict) else None
-    spec = LoraSpec.from_dict(data, targets=targets)
+    spec = LoraSpec.from_dict(data, targets=targets, source=file)
     if isinstance(data.get("trainable"), dict):
         spec = dataclasses.replace(spec, trainable=_paths_regex(copies) if copies else None)
     return spec
 
 
+def _re2_ok(pattern: str) -> bool:
+    try:
+        compile_untrusted(pattern, file="", key="")
+    except FileFormatError:
+        return False
+    return True
+
+
 def _paths_regex(paths: list[Path]) -> str:
-    return "|".join(re.escape(p) for p in paths) if paths else "(?!)"
+    return "|".join(re.escape(p) for p in paths) if paths else r"[^\s\S]"
 
 
 def _default_target(entry: Mapping[str, Any]) -> Any:

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from jlora import _io
 from jlora._adapter import (
     NOT_WEIGHTS,
     DoraAdapter,
@@ -55,10 +57,12 @@ from jlora._adapter import (
     scale_denominator,
 )
 from jlora._paths import describe, leaves_with_paths, path_str, shape_of
+from jlora._regex import compile_untrusted, peft_match
 from jlora._spec import LoraSpec
 from jlora._tree import adapter_items, build_like
 from jlora._types import Adapters, Params, Path
 from jlora._weights import is_weight_node
+from jlora.errors import FileFormatError, MissingFileError, through_link
 
 __all__ = [
     "CONFIG_NAME",
@@ -133,6 +137,18 @@ class KeyMap:
     rename: tuple[tuple[str, str], ...] = ()
     transposed: str | None = None
     fan_in_fan_out: bool = False
+
+    def __post_init__(self):
+        patterns = [("modules", self.modules), ("transposed", self.transposed)]
+        patterns += [("rename", regex) for regex, _ in self.rename]
+        for field, regex in patterns:
+            if regex is not None:
+                try:
+                    re.compile(regex)
+                except (re.error, TypeError) as error:
+                    raise ValueError(
+                        f"KeyMap {self.name!r}: {field} {regex!r} is not a valid regex: {error}"
+                    ) from None
 
     def __call__(self, path: Path) -> str | None:
         module, _ = module_path(path)
@@ -491,10 +507,8 @@ def load(
       (2, 4.0, 2.0)
     """
     key_map = _resolve_key_map(key_map)
-    config = _read_config(directory)
-    tensors = _read_tensors(directory)
-    weights_file = os.path.join(directory, WEIGHTS_NAME)
-    by_module, base_weights = _group(tensors, weights_file)
+    directory = _existing(directory)
+    config, _, by_module, base_weights, weights_file = _read_adapter(directory)
     where = _locate(by_module, params, key_map, weights_file)
     _check_base_weights(base_weights, params, key_map, weights_file)
 
@@ -503,13 +517,11 @@ def load(
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     rslora = bool(config.get("use_rslora", False))
 
-    if not by_module:
-        raise ValueError(f"{weights_file} holds no LoRA factors")
     nodes: dict[Path, LoraAdapter] = {}
     spec_ranks: dict[str, int] = {}
     spec_alphas: dict[str, float] = {}
     for path, layers in where.items():
-        node, path_alpha = _adapter(path, layers, layouts[path], by_module, config)
+        node, path_alpha = _adapter(path, layers, layouts[path], by_module, config, weights_file)
         nodes[path] = node
         if node.rank != rank:
             spec_ranks[re.escape(path)] = node.rank
@@ -558,100 +570,154 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
       >>> modules["dense"]["A"].shape, modules["dense"]["scale"]
       ((2, 6), 2.0)
     """
-    config = _read_config(directory)
-    tensors = _read_tensors(directory)
-    weights_file = os.path.join(directory, WEIGHTS_NAME)
-    by_module, _ = _group(tensors, weights_file)
-    if not by_module:
-        raise ValueError(f"{weights_file} holds no LoRA factors")
-    dora = bool(config.get("use_dora", False))
+    directory = _existing(directory)
+    config, tensors, by_module, _, _ = _read_adapter(directory)
     modules = {}
     for module, factors in by_module.items():
-        rank = int(_peft_value(config.get("rank_pattern") or {}, module, config["r"]))
-        alpha = float(_peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-        if factors["A"].shape[0] != rank or factors["B"].shape[1] != rank:
-            raise ValueError(
-                f"{weights_file}: module {module!r} has lora_A {list(factors['A'].shape)} "
-                f"and lora_B {list(factors['B'].shape)}, but the config gives it rank {rank}"
-            )
-        if dora != ("M" in factors):
-            raise ValueError(
-                f"{weights_file}: module {module!r} "
-                + ("has no " if dora else "has a ")
-                + f"{MAGNITUDE} but the config sets use_dora={dora}"
-            )
         modules[module] = {
             "A": factors["A"],
             "B": factors["B"],
             "magnitude": factors.get("M"),
             "embedding": f"{PREFIX}{module}.lora_embedding_A" in tensors,
-            "rank": rank,
-            "alpha": alpha,
-            "scale": lora_scale(alpha, rank, bool(config.get("use_rslora"))),
+            "rank": factors["rank"],
+            "alpha": factors["alpha"],
+            "scale": factors["scale"],
         }
     return config, modules
 
 
-def _read_config(directory) -> dict[str, Any]:
-    config_file = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no PEFT adapter config: {config_file} does not exist")
-    try:
-        with open(config_file) as handle:
-            config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise ValueError(f"{config_file}: expected peft_type 'LORA', found {peft_type!r}")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or isinstance(config[field], bool):
-            raise ValueError(
-                f"{config_file}: expected a number for {field!r}, found {config.get(field)!r}"
+def _existing(directory) -> str:
+    """``directory``, or the old copy a replace killed mid-way left beside it."""
+    text = os.fspath(directory)
+    if not os.path.exists(text):
+        old = _io.previous(text)
+        if old is not None:
+            warnings.warn(
+                f"{text} is missing but an interrupted save left its previous version at "
+                f"{old}; reading that",
+                stacklevel=3,
             )
-    if not isinstance(config.get("use_dora", False), bool):
-        raise ValueError(
-            f"{config_file}: expected true or false for 'use_dora', found {config['use_dora']!r}"
-        )
-    unsupported = {
-        "lora_bias": "LoRA biases (lora_bias)",
-        "modules_to_save": "extra saved modules (modules_to_save)",
-        "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-        "target_parameters": "adapters on bare parameters (target_parameters)",
-    }
-    for field, what in unsupported.items():
+            return old
+    return text
+
+
+_BOOLEANS = ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode")
+_UNSUPPORTED = {
+    "lora_bias": "LoRA biases (lora_bias)",
+    "modules_to_save": "extra saved modules (modules_to_save)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "adapters on bare parameters (target_parameters)",
+}
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rank(value: Any, file: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FileFormatError(file, key=key, expected="a positive integer", found=value)
+    return value
+
+
+def _check_alpha(value: Any, file: str, key: str) -> float:
+    if not _real(value) or not math.isfinite(value) or value < 0:
+        raise FileFormatError(file, key=key, expected="a finite non-negative number", found=value)
+    return float(value)
+
+
+def _read_config(directory) -> dict[str, Any]:
+    """``adapter_config.json``, every value jlora uses checked (file and key named)."""
+    config_file = os.path.join(os.fspath(directory), CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise MissingFileError(f"no PEFT adapter config: {config_file} does not exist")
+    try:
+        with open(config_file, "rb") as handle:
+            config = json.loads(handle.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise FileFormatError(config_file, f"not valid UTF-8 JSON ({error})") from None
+    except OSError as error:
+        raise FileFormatError(config_file, f"cannot be read ({error.strerror})") from None
+    if not isinstance(config, dict):
+        raise FileFormatError(config_file, key="(top level)", expected="a JSON object",
+                              found=type(config).__name__)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise FileFormatError(config_file, key="peft_type", expected="'LORA'",
+                              found=config.get("peft_type"))
+    _check_rank(config.get("r"), config_file, "r")
+    _check_alpha(config.get("lora_alpha"), config_file, "lora_alpha")
+    for field in _BOOLEANS:
+        value = config.get(field)
+        if value is not None and not isinstance(value, bool):
+            raise FileFormatError(config_file, key=field, expected="true or false", found=value)
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (not _real(dropout) or not 0.0 <= dropout < 1.0):
+        raise FileFormatError(config_file, key="lora_dropout", expected="a number in [0, 1)",
+                              found=dropout)
+    for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        pattern = config.get(field)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise FileFormatError(config_file, key=field, expected="an object {regex: value}",
+                                  found=pattern)
+        for regex, value in pattern.items():
+            compile_untrusted(peft_match(regex), file=config_file, key=f"{field}[{regex!r}]")
+            check(value, config_file, f"{field}[{regex!r}]")
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if isinstance(value, str):
+            if value != "all-linear":
+                compile_untrusted(value, file=config_file, key=field)
+        elif value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise FileFormatError(config_file, key=field,
+                                  expected="a regex string or a list of module names",
+                                  found=value)
+    for field, what in _UNSUPPORTED.items():
         if config.get(field):
-            raise ValueError(
-                f"{config_file} uses {what}: {config[field]!r}; jlora.peft loads plain LoRA "
-                "adapters only"
+            raise FileFormatError(
+                config_file, f"uses {what}; jlora.peft loads plain LoRA adapters only",
+                key=field, expected="null or empty", found=config[field],
             )
     if config.get("bias", "none") != "none":
-        raise ValueError(
-            f"{config_file} trains biases (bias={config['bias']!r}); jlora.peft loads "
-            "adapters with bias='none' only"
+        raise FileFormatError(
+            config_file, "jlora.peft loads adapters with bias='none' only", key="bias",
+            expected="'none'", found=config["bias"],
         )
     return config
 
 
 def _read_tensors(directory) -> dict[str, np.ndarray]:
-    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    weights_file = os.path.join(os.fspath(directory), WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
-        pickled = os.path.join(directory, "adapter_model.bin")
+        pickled = os.path.join(os.fspath(directory), "adapter_model.bin")
         if os.path.exists(pickled):
-            raise ValueError(
-                f"{pickled} is a pickle file, which jlora never reads; convert it to "
-                f"{WEIGHTS_NAME} (e.g. PeftModel.save_pretrained(..., "
-                "safe_serialization=True)) in a trusted environment"
+            raise FileFormatError(
+                pickled,
+                f"a pickle file, which jlora never reads; convert it to {WEIGHTS_NAME} "
+                "(e.g. PeftModel.save_pretrained(..., safe_serialization=True)) in a "
+                "trusted environment",
             )
-        raise FileNotFoundError(f"no PEFT adapter weights: {weights_file} does not exist")
+        raise MissingFileError(f"no PEFT adapter weights: {weights_file} does not exist")
     try:
-        return safetensors.numpy.load_file(weights_file)
-    except (SafetensorError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"{weights_file} is not a readable safetensors file (malformed or truncated): {error}"
+        tensors = safetensors.numpy.load_file(weights_file)
+    except (SafetensorError, ValueError, TypeError, OverflowError, MemoryError) as error:
+        text = "" if through_link(weights_file) else f": {error}"
+        raise FileFormatError(
+            weights_file, f"not a readable safetensors file (malformed or truncated){text}"
         ) from None
+    except OSError as error:
+        raise FileFormatError(weights_file, f"cannot be read ({error.strerror})") from None
+    for key, value in tensors.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise FileFormatError(weights_file, key=key, expected="a floating-point tensor",
+                                  found=str(value.dtype))
+        if not np.isfinite(value).all():
+            raise FileFormatError(weights_file, key=key, expected="finite values",
+                                  found="NaN or Inf")
+    return tensors
 
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -667,6 +733,7 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
     (``save_embedding_layers``, for resized vocabularies): those are returned apart.
     """
     by_module: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, set[str]] = {}
     base_weights: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         found = _KEY.fullmatch(key)
@@ -679,22 +746,99 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
             if base is not None and ".lora_" not in key:
                 base_weights[base["module"]] = value
                 continue
-            raise ValueError(
-                f"{weights_file} holds {key!r}, which is not a PEFT LoRA factor "
-                "(expected base_model.model.<module>.lora_A.weight / lora_B.weight / "
-                "lora_embedding_A / lora_embedding_B)"
+            raise FileFormatError(
+                weights_file, "which is not a PEFT LoRA factor", key=key,
+                expected="base_model.model.<module>.lora_A.weight / lora_B.weight / "
+                "lora_embedding_A / lora_embedding_B",
             )
         factor = (found["linear"] or found["embedding"])[-1]
+        kinds.setdefault(found["module"], set()).add("linear" if found["linear"] else "embedding")
         if value.ndim != 2:
-            raise ValueError(f"{weights_file}: {key!r} has shape {list(value.shape)}; expected 2-D")
+            raise FileFormatError(weights_file, key=key, expected="a 2-D tensor",
+                                  found=list(value.shape))
         by_module.setdefault(found["module"], {})[factor] = value
     for module, factors in by_module.items():
-        if set(factors) - {"M"} != {"A", "B"}:
-            raise ValueError(
-                f"{weights_file}: module {module!r} has lora_{''.join(factors)} only; "
-                "expected both lora_A and lora_B"
+        if len(kinds.get(module, ())) > 1:
+            raise FileFormatError(
+                weights_file, key=module,
+                expected="either lora_A/lora_B or lora_embedding_A/lora_embedding_B",
+                found="both",
             )
+        if set(factors) - {"M"} != {"A", "B"}:
+            raise FileFormatError(weights_file, key=module, expected="both lora_A and lora_B",
+                                  found=f"lora_{''.join(sorted(factors))} only")
     return by_module, base_weights
+
+
+def _targeted(config: Mapping[str, Any], module: str, config_file: str) -> bool:
+    """PEFT's rule for whether ``target_modules`` names ``module``."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return compile_untrusted(targets, file=config_file, key="target_modules").fullmatch(
+            module
+        ) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _excluded(config: Mapping[str, Any], module: str, config_file: str) -> bool:
+    exclude = config.get("exclude_modules")
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return compile_untrusted(exclude, file=config_file, key="exclude_modules").fullmatch(
+            module
+        ) is not None
+    return any(module == t or module.endswith(f".{t}") for t in exclude)
+
+
+def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dict, dict, str]:
+    """The checked config, tensors, factors per module, base weights and the weights file.
+
+    Every module's factors must agree with the config: its rank (``r`` or
+    ``rank_pattern``) with both factors' shapes, ``target_modules`` and
+    ``exclude_modules`` with its name, ``use_dora`` with its magnitude. The module's
+    ``rank``, ``alpha`` and ``scale`` are added to its entry.
+    """
+    directory = os.fspath(directory)
+    config_file = os.path.join(directory, CONFIG_NAME)
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    by_module, base_weights = _group(tensors, weights_file)
+    if not by_module:
+        raise FileFormatError(weights_file, "holds no LoRA factors")
+    dora = bool(config.get("use_dora"))
+    for module, factors in by_module.items():
+        rank = _peft_value(config.get("rank_pattern") or {}, module, config["r"], config_file)
+        alpha = _peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"],
+                            config_file)
+        if factors["A"].shape[0] != rank or factors["B"].shape[1] != rank:
+            raise FileFormatError(
+                weights_file,
+                f"the config ({CONFIG_NAME}: r / rank_pattern) gives it rank {rank}",
+                key=module, expected=f"lora_A of {rank} rows and lora_B of {rank} columns",
+                found=f"lora_A {list(factors['A'].shape)}, lora_B {list(factors['B'].shape)}",
+            )
+        if not _targeted(config, module, config_file) or _excluded(config, module, config_file):
+            raise FileFormatError(
+                config_file,
+                f"the weights file adapts {module!r}, which the config's target_modules / "
+                "exclude_modules leave out: the files disagree",
+                key="target_modules", expected=f"a selection that includes {module!r}",
+                found=config.get("target_modules"),
+            )
+        if dora != ("M" in factors):
+            raise FileFormatError(
+                weights_file,
+                f"the config sets use_dora={str(dora).lower()}: the files disagree",
+                key=module, expected=f"{'a' if dora else 'no'} {MAGNITUDE}",
+                found="none" if dora else "one",
+            )
+        factors["rank"], factors["alpha"] = rank, float(alpha)
+        factors["scale"] = lora_scale(float(alpha), rank, bool(config.get("use_rslora")))
+    return config, tensors, by_module, base_weights, weights_file
 
 
 def _check_base_weights(base_weights, params, key_map, weights_file) -> None:
@@ -824,7 +968,7 @@ def _load_layouts(where, leaves, params, key_map, fn, args, kwargs) -> dict[Path
     return layouts
 
 
-def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, float]:
+def _adapter(path, layers, layout, by_module, config, weights_file) -> tuple[LoraAdapter, float]:
     """The adapter of ``path`` from its PEFT modules (one per stack index), and its alpha."""
     if len(next(iter(layers))) != len(layout.stack_axes):
         raise ValueError(
@@ -837,10 +981,8 @@ def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, floa
             f"the adapter file has no module for layer {list(missing[0])} of the "
             f"stacked weight {path!r} (found layers {sorted(layers)[:8]})"
         )
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    ranks = {int(_peft_value(rank_pattern, m, config["r"])) for m in layers.values()}
-    alphas = {float(_peft_value(alpha_pattern, m, config["lora_alpha"])) for m in layers.values()}
+    ranks = {by_module[m]["rank"] for m in layers.values()}
+    alphas = {by_module[m]["alpha"] for m in layers.values()}
     if len(ranks) > 1 or len(alphas) > 1:
         raise ValueError(
             f"the modules of the stacked weight {path!r} have ranks {sorted(ranks)} and "
@@ -851,10 +993,10 @@ def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, floa
     a_rows, b_cols, magnitudes = [], [], []
     for index in np.ndindex(*layout.stack_shape):
         module = layers[index]
-        lora_a, lora_b = _factors(by_module[module], module, path, layout, rank)
+        lora_a, lora_b = _factors(by_module[module], module, path, layout, rank, weights_file)
         a_rows.append(lora_a.T)
         b_cols.append(lora_b.T)
-        magnitudes.append(_magnitude(by_module[module], module, path, layout, dora))
+        magnitudes.append(_magnitude(by_module[module], module, path, layout, dora, weights_file))
     denominator = scale_denominator(rank, bool(config.get("use_rslora")))
     node = LoraAdapter(
         lora_a=jnp.asarray(np.stack(a_rows).reshape(layout.a_shape(rank))),
@@ -869,48 +1011,46 @@ def _adapter(path, layers, layout, by_module, config) -> tuple[LoraAdapter, floa
     return node, alpha
 
 
-def _magnitude(factors, module, path, layout, dora: bool) -> np.ndarray | None:
+def _magnitude(factors, module, path, layout, dora: bool, weights_file) -> np.ndarray | None:
     """PEFT's DoRA magnitude of ``module``: one value per output feature."""
     magnitude = factors.get("M")
     if not dora:
-        if magnitude is not None:
-            raise ValueError(
-                f"module {module!r} has a DoRA {MAGNITUDE}, but the config does not set "
-                "use_dora: the files disagree"
-            )
-        return None
-    if magnitude is None:
-        raise ValueError(f"the config sets use_dora, but module {module!r} has no {MAGNITUDE}")
+        return None  # _read_adapter checked that the files agree
     # Linear and Embedding store (out,); PEFT's convolutions keep (1, out, 1, ...).
     if magnitude.size != layout.out_features or max(magnitude.shape, default=0) != magnitude.size:
-        raise ValueError(
-            f"module {module!r} has a {MAGNITUDE} of shape {list(magnitude.shape)}, but the "
-            f"weight at {path!r} has {layout.out_features} output features"
+        raise FileFormatError(
+            weights_file, f"the weight at {path!r} has {layout.out_features} output features",
+            key=f"{module}.{MAGNITUDE}", expected=f"{layout.out_features} values",
+            found=list(magnitude.shape),
         )
     return magnitude.reshape(layout.out_features)
 
 
-def _peft_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+def _peft_value(pattern: Mapping[str, Any], module: str, default: Any, config_file: str) -> Any:
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``.
+
+    Matched with RE2 (linear time): the keys come from a file.
+    """
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        regex = compile_untrusted(peft_match(key), file=config_file, key=f"pattern {key!r}")
+        if regex.match(module):
             return value
     return default
 
 
-def _factors(factors, module, path, layout, rank) -> tuple[np.ndarray, np.ndarray]:
+def _factors(factors, module, path, layout, rank, weights_file) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's ``(r, in)`` A and ``(out, r)`` B of ``module``, checked against the weight."""
     lora_a, lora_b = factors["A"], factors["B"]
     want_a = (rank, layout.in_features)
     want_b = (layout.out_features, rank)
     if lora_a.shape != want_a or lora_b.shape != want_b:
-        raise ValueError(
-            f"module {module!r} has lora_A {list(lora_a.shape)} and lora_B "
-            f"{list(lora_b.shape)}, but the weight at {path!r} (shape "
-            f"{list(layout.weight_shape)}, {layout.in_features} inputs, "
-            f"{layout.out_features} outputs) at rank {rank} needs {list(want_a)} and "
-            f"{list(want_b)}: the adapter is for another model or the config's r / "
-            "rank_pattern do not match the tensors"
+        raise FileFormatError(
+            weights_file,
+            f"the weight at {path!r} (shape {list(layout.weight_shape)}, "
+            f"{layout.in_features} inputs, {layout.out_features} outputs) at rank {rank} "
+            "needs those: the adapter is for another model",
+            key=module, expected=f"lora_A {list(want_a)} and lora_B {list(want_b)}",
+            found=f"lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)}",
         )
     return lora_a, lora_b
 
