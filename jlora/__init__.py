@@ -18,21 +18,33 @@ from jlora._quant import QuantizedWeight, dequantize, quantize
 from jlora._spec import LoraSpec
 from jlora._types import Adapters, Params, Path
 from jlora.checkpoint import load, save
+from jlora.errors import (
+    DamagedCheckpointError,
+    FileFormatError,
+    JloraError,
+    MissingFileError,
+    WriteRefusedError,
+)
 from jlora.sharding import init_sharded, partition_specs, shardings, state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapters",
+    "DamagedCheckpointError",
     "DoraAdapter",
     "Explanation",
+    "FileFormatError",
+    "JloraError",
     "Layout",
     "LoraAdapter",
     "LoraSpec",
+    "MissingFileError",
     "Params",
     "Path",
     "QuantizedWeight",
     "Uses",
+    "WriteRefusedError",
     "delta",
     "dequantize",
     "explain",
