@@ -28,6 +28,18 @@ def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) 
                 "into it would lose the adapter's precision. Dequantize first: "
                 "jlora.merge(jlora.dequantize(params), adapters)"
             )
+        if not jnp.issubdtype(weight.dtype, jnp.floating):
+            raise ValueError(
+                f"merge: the weight at {path!r} is {weight.dtype}; merging a float update "
+                "into an integer weight and casting back would round it away. Merge into "
+                "a floating base (dequantize it first)"
+            )
+        for name, array in node.arrays().items():
+            if not jnp.issubdtype(array.dtype, jnp.floating):
+                raise ValueError(
+                    f"merge: the adapter at {path!r} has {name} of dtype {array.dtype}; "
+                    "adapter factors must be floating-point"
+                )
         out = node.merge_into(weight) if sign > 0 else node.unmerge_from(weight)
         if check_finite:
             _check_finite(path, out)
@@ -73,7 +85,8 @@ def merge(params: Params, adapters: Adapters, *, check_finite: bool = False) -> 
       A new params tree; ``params`` is not modified.
 
     Raises:
-      ValueError: adapters that do not fit ``params`` (names the path and shapes).
+      ValueError: adapters that do not fit ``params`` (names the path and shapes), an
+        integer or quantized base weight, or integer factors.
       FloatingPointError: with ``check_finite``, a non-finite merged leaf (names it).
 
     Example:

@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +24,8 @@ __all__ = ["main"]
 
 _KEY_MAP_HELP = (
     "how Flax param paths map to PyTorch module names: a built-in name (gpt2, llama, "
-    "bert, flax) or module:attribute naming your own key map"
+    "bert, flax) or package.module:attribute naming your own key map (this imports "
+    "and runs that module's code)"
 )
 
 
@@ -477,7 +479,10 @@ def _flax_base(path: str, *, abstract: bool) -> Any:
 
 
 def _merge(options: argparse.Namespace) -> None:
-    _check_out(options.out, options.overwrite)
+    _check_out(
+        options,
+        _merged_safetensors if _is_safetensors(options.base) else _merged_orbax,
+    )
     if not os.path.exists(options.base):
         raise FileNotFoundError(f"base weights {options.base} do not exist")
     peft_adapter = _is_peft(options.adapter)
@@ -582,39 +587,92 @@ class _TorchNames:
         return Layout(tuple(shape), (), in_axes, out_axes)
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+_MERGED_BY = "jlora merge"
+_MERGE_MARK = "jlora_merge.json"
+
+
+def _check_out(options: argparse.Namespace, replaceable: Callable[[str], bool]) -> None:
+    """Refuse an output that is an input, a link, or an existing file jlora did not write."""
+    from jlora import _io
+    from jlora.errors import WriteRefusedError
+
+    inputs = [p for p in (getattr(options, "base", None), options.adapter) if p]
+    out = _io.check_target(options.out, inputs=inputs, what="--out")
+    if not os.path.lexists(out):
+        return
+    if not options.overwrite:
+        raise ValueError(f"{options.out} already exists; pass --overwrite to replace it")
+    if not replaceable(out):
+        raise WriteRefusedError(
+            f"--out {options.out} exists and is not something this command writes; "
+            "--overwrite replaces only jlora's own output (remove it yourself or choose "
+            "another --out)"
+        )
+
+
+def _merged_safetensors(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as handle:
+            return (handle.metadata() or {}).get("jlora") == _MERGED_BY
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def _merged_orbax(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, _MERGE_MARK))
 
 
 def _write_safetensors(out: str, tensors: dict[str, Any], metadata: dict[str, str] | None) -> None:
     import numpy as np
-    import safetensors.numpy
 
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    safetensors.numpy.save_file(arrays, out + ".tmp", metadata=metadata)
-    os.replace(out + ".tmp", out)
+    from jlora import _io
+
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    marked = {**(metadata or {}), "jlora": _MERGED_BY}
+    _io.write_file(out, lambda handle: _io.write_safetensors(handle, arrays, marked))
 
 
 def _write_orbax(out: str, tree: Any) -> None:
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(out), args=ocp.args.PyTreeSave(tree), force=True)
+    from jlora import _io
+
+    def build(fresh: str) -> None:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            checkpointer.save(fresh, args=ocp.args.PyTreeSave(tree))
+        _io.write_json(os.path.join(fresh, _MERGE_MARK), {"written_by": _MERGED_BY})
+
+    _io.replace_dir(out, build, replaceable=_merged_orbax, what="--out")
 
 
 # -- convert --------------------------------------------------------------------------
 
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def _key_map(name: str) -> Any:
-    """A built-in key map name, or ``module:attribute`` naming a callable."""
+    """A built-in key map name, or ``package.module:attribute`` naming a callable.
+
+    The second form imports ``package.module`` (running its code) and calls the
+    attribute with names read from the files: use it only with your own code.
+    """
     if ":" not in name:
         return name  # jlora.peft checks it and lists the built-in names
     module_name, attribute = name.split(":", 1)
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attribute):
+        raise ValueError(
+            f"--key-map {name!r}: expected package.module:attribute with dotted Python "
+            "identifiers (it imports that module and runs its code)"
+        )
     module = importlib.import_module(module_name)
-    key_map = getattr(module, attribute)
+    key_map: Any = module
+    for part in attribute.split("."):
+        key_map = getattr(key_map, part)
     if not callable(key_map):
         raise TypeError(f"--key-map {name} is a {type(key_map).__name__}, not a callable")
     return key_map
@@ -623,8 +681,11 @@ def _key_map(name: str) -> Any:
 def _convert(options: argparse.Namespace) -> None:
     from jlora import checkpoint, peft
 
-    _check_out(options.out, options.overwrite)
     source_is_peft = _is_peft(options.adapter)
+    if options.to == "peft":
+        _check_out(options, lambda out: os.path.isdir(out) and peft.is_adapter_dir(out))
+    else:
+        _check_out(options, lambda out: checkpoint._is_checkpoint(checkpoint._as_path(out)))
     if options.to == "peft":
         if source_is_peft:
             raise ValueError(f"{options.adapter} is already a PEFT adapter directory")

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -253,7 +254,10 @@ def save(
     ``alpha_pattern`` entries under their full module name.
 
     Args:
-      directory: the adapter directory (created if needed; files in it are replaced).
+      directory: the adapter directory (created if needed). One holding only adapter
+        files is replaced whole, once the new one is complete; in one that holds other
+        files too, the two adapter files are each replaced atomically. Never written
+        through a symbolic link.
       adapters: the adapters tree (from :func:`jlora.init` or training).
       spec: the spec the adapters were made with (``rank``, ``alpha``, ``rslora``,
         ``dropout``).
@@ -318,15 +322,50 @@ def save(
                 tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(magnitude)
 
     config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
-    os.makedirs(directory, exist_ok=True)
-    weights_file = os.path.join(directory, WEIGHTS_NAME)
-    config_file = os.path.join(directory, CONFIG_NAME)
-    safetensors.numpy.save_file(tensors, weights_file + ".tmp", metadata={"format": "pt"})
-    with open(config_file + ".tmp", "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(weights_file + ".tmp", weights_file)
-    os.replace(config_file + ".tmp", config_file)
+    _write_adapter_dir(os.fspath(directory), tensors, config)
+
+
+# What peft.save writes (PEFT's save_pretrained adds a README.md, which is kept).
+_ADAPTER_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "README.md"})
+
+
+def is_adapter_dir(directory: str) -> bool:
+    """Whether ``directory`` holds nothing but a PEFT adapter's files."""
+    names = set(os.listdir(directory))
+    return CONFIG_NAME in names and names <= _ADAPTER_FILES
+
+
+def _write_adapter_dir(directory: str, tensors, config) -> None:
+    """Write the adapter so that a save killed at any point leaves the old one whole.
+
+    A directory holding only adapter files (or nothing) is replaced whole: the new
+    one is built beside it and swapped in. A directory that also holds other files (a
+    trainer's output directory) gets each file replaced atomically, the weights
+    first; there a kill between the two replaces leaves new weights beside the old
+    config. Links are never written through.
+    """
+
+    def write_files(path: str) -> None:
+        _io.write_file(
+            os.path.join(path, WEIGHTS_NAME),
+            lambda handle: _io.write_safetensors(handle, tensors, {"format": "pt"}),
+        )
+        _io.write_json(os.path.join(path, CONFIG_NAME), config)
+
+    _io.check_target(directory, what="PEFT adapter directory")
+    if os.path.isdir(directory) and os.listdir(directory) and not is_adapter_dir(directory):
+        os.makedirs(directory, exist_ok=True)
+        write_files(directory)
+        return
+    old_readme = os.path.join(directory, "README.md")
+
+    def build(fresh: str) -> None:
+        os.mkdir(fresh)
+        if os.path.isfile(old_readme) and not os.path.islink(old_readme):
+            shutil.copyfile(old_readme, os.path.join(fresh, "README.md"))
+        write_files(fresh)
+
+    _io.replace_dir(directory, build, replaceable=is_adapter_dir, what="PEFT adapter directory")
 
 
 def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
