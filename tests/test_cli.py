@@ -192,7 +192,7 @@ def test_merge_checkpoint_into_flax_weights(gpt2_like, tmp_path, base_name):
     if base_name.endswith(".safetensors"):
         got = safetensors.numpy.load_file(out)
         with __import__("safetensors").safe_open(out, framework="numpy") as handle:
-            assert handle.metadata() == {"note": "kept"}
+            assert handle.metadata() == {"note": "kept", "jlora": "jlora merge"}
     else:
         as_numpy = jax.tree_util.tree_map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params
