@@ -86,6 +86,8 @@ class FileFormatError(JloraError, ValueError):
         hidden = through_link(self.file)
         self.found = None if hidden or found is _UNSET else found
         parts = [self.file]
+        if message:
+            parts.append(message)
         if key is not None:
             parts.append(repr(key))
         if expected is not None:
@@ -95,8 +97,6 @@ class FileFormatError(JloraError, ValueError):
             elif found is not _UNSET:
                 what += f", found {_short(found)}"
             parts.append(what)
-        if message:
-            parts.append(message)
         super().__init__(": ".join(parts))
 
 

@@ -1085,9 +1085,9 @@ def _factors(factors, module, path, layout, rank, weights_file) -> tuple[np.ndar
     if lora_a.shape != want_a or lora_b.shape != want_b:
         raise FileFormatError(
             weights_file,
-            f"the weight at {path!r} (shape {list(layout.weight_shape)}, "
-            f"{layout.in_features} inputs, {layout.out_features} outputs) at rank {rank} "
-            "needs those: the adapter is for another model",
+            f"the adapter is for another model: the weight at {path!r} (shape "
+            f"{list(layout.weight_shape)}, {layout.in_features} inputs, "
+            f"{layout.out_features} outputs) at rank {rank} needs other factors",
             key=module, expected=f"lora_A {list(want_a)} and lora_B {list(want_b)}",
             found=f"lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)}",
         )
