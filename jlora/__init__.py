@@ -9,6 +9,7 @@
 
 from jlora import peft
 from jlora._adapter import DoraAdapter, Layout, LoraAdapter, is_adapter
+from jlora._combine import combine
 from jlora._engine import Explanation, Uses
 from jlora._init import init
 from jlora._lora import explain, lora
@@ -45,6 +46,7 @@ __all__ = [
     "QuantizedWeight",
     "Uses",
     "WriteRefusedError",
+    "combine",
     "delta",
     "dequantize",
     "explain",
