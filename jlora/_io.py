@@ -34,13 +34,13 @@ def _umask() -> int:
     return mask
 
 
-def _same_or_nested(a: str, b: str) -> bool:
-    a, b = os.path.realpath(a), os.path.realpath(b)
+def _is_or_holds(target: str, source: str) -> bool:
+    """Whether writing ``target`` would replace ``source``: the same path, or a parent."""
+    target, source = os.path.realpath(target), os.path.realpath(source)
     try:
-        common = os.path.commonpath([a, b])
+        return os.path.commonpath([target, source]) == target
     except ValueError:  # different drives
         return False
-    return common in (a, b)
 
 
 def check_target(
@@ -49,8 +49,8 @@ def check_target(
     """``target`` as an absolute path, refused when it is a link or overlaps an input.
 
     Raises:
-      WriteRefusedError: ``target`` is a symbolic link, or it is, holds or lies inside
-        one of ``inputs``.
+      WriteRefusedError: ``target`` is a symbolic link, or it is or holds one of
+        ``inputs``.
     """
     text = os.path.abspath(os.fspath(target))
     if os.path.islink(text):
@@ -60,10 +60,10 @@ def check_target(
         )
     for source in inputs:
         source = os.fspath(source)
-        if os.path.lexists(source) and _same_or_nested(text, source):
+        if os.path.lexists(source) and _is_or_holds(text, source):
             raise WriteRefusedError(
-                f"{what} {text} is, holds or lies inside the input {source}: writing it "
-                "would destroy the input; choose another output"
+                f"{what} {text} is or holds the input {source}: writing it would destroy "
+                "the input; choose another output"
             )
     return text
 

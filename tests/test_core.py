@@ -121,10 +121,18 @@ CASES = ["mlp", "cnn", "decoder_scan", "decoder_unrolled"]
 
 EQUIVALENCE = [(case, use_jit) for case in CASES for use_jit in (False, True)]
 EQUIVALENCE.remove(("decoder_unrolled", False))  # same rules as decoder_scan's eager run
+# Eager runs use the same rules as jit, op by op; mlp-eager (and test_kinds' eager run of
+# the scanned decoder) stay in the default run, the long ones run with -m slow.
+_LONG_EAGER = {("cnn", False), ("decoder_scan", False)}
 
 
 @pytest.mark.parametrize(
-    ("case", "use_jit"), EQUIVALENCE, ids=[f"{c}-{'jit' if j else 'eager'}" for c, j in EQUIVALENCE]
+    ("case", "use_jit"),
+    [
+        pytest.param(c, j, marks=[pytest.mark.slow] if (c, j) in _LONG_EAGER else [])
+        for c, j in EQUIVALENCE
+    ],
+    ids=[f"{c}-{'jit' if j else 'eager'}" for c, j in EQUIVALENCE],
 )
 def test_linen_equivalence(case, use_jit):
     fn, params, adapters, x = linen_case(case)

@@ -99,7 +99,7 @@ def _kill_once(work, seed):
     return child.stdout.read().split("\n")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_sigkill_at_random_points_leaves_whole_content(tmp_path, seed):
     work = str(tmp_path)
     _prepare(work)

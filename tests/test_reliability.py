@@ -392,13 +392,17 @@ def _cli_setup(tmp_path):
     return base, adapter
 
 
-def test_cli_refuses_outputs_that_would_destroy_data(tmp_path):
+def test_cli_refuses_outputs_that_would_destroy_data(tmp_path, capsys):
     base, adapter = _cli_setup(tmp_path)
     original = base.read_bytes()
     merge = ["merge", "--base", str(base), "--adapter", str(adapter), "--overwrite"]
     assert main([*merge, "--out", str(base)]) == 1  # the output is the input
-    assert main([*merge, "--out", str(adapter / "x.safetensors")]) == 1  # inside an input
+    assert "is or holds the input" in capsys.readouterr().err
+    assert main([*merge, "--out", str(tmp_path)]) == 1  # the output holds the inputs
+    assert "is or holds the input" in capsys.readouterr().err
     assert base.read_bytes() == original
+    assert main([*merge, "--out", str(adapter / "merged.safetensors")]) == 0  # beside: fine
+    checkpoint.load(adapter)
     unrelated = tmp_path / "unrelated.safetensors"
     safetensors.numpy.save_file({"x": np.ones(2, np.float32)}, unrelated)
     assert main([*merge, "--out", str(unrelated)]) == 1  # jlora did not write it
