@@ -28,6 +28,34 @@ _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 _FLAGS |= getattr(os, "O_CLOEXEC", 0)
 
 
+# JSON files jlora reads (adapter configs, checkpoint metadata) are a few KiB; a larger
+# one is refused before it is read, so a link to a huge file cannot exhaust memory.
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_small_file(path: str | os.PathLike, *, what: str) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_JSON_BYTES`.
+
+    A FIFO, a device or a directory is refused before it is opened, so it cannot
+    block the reader.
+
+    Raises:
+      FileFormatError: not a regular file, or too large.
+    """
+    from jlora.errors import FileFormatError
+
+    text = os.fspath(path)
+    if not os.path.isfile(text):
+        raise FileFormatError(text, f"the {what} is not a regular file")
+    size = os.path.getsize(text)
+    if size > MAX_JSON_BYTES:
+        raise FileFormatError(
+            text, f"the {what} is {size} bytes; jlora reads at most {MAX_JSON_BYTES}"
+        )
+    with open(text, "rb") as handle:
+        return handle.read(MAX_JSON_BYTES + 1)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

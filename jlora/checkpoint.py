@@ -428,9 +428,12 @@ def _read_metadata(path: epath.Path) -> dict[str, Any]:
         return DamagedCheckpointError(file, message, step=_step_of(path), **kwargs)
 
     try:
-        metadata = json.loads((path / METADATA_ITEM / "metadata").read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise damaged("its metadata file is missing") from None
+        if not (path / METADATA_ITEM / "metadata").exists():
+            raise damaged("its metadata file is missing")
+        raw = _io.read_small_file(file, what="checkpoint metadata")
+        metadata = json.loads(raw.decode("utf-8"))
+    except FileFormatError as error:
+        raise damaged(str(error).removeprefix(f"{file}: ")) from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise damaged(f"its metadata is not valid UTF-8 JSON ({error})") from None
     except OSError as error:

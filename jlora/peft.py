@@ -668,11 +668,10 @@ def _check_alpha(value: Any, file: str, key: str) -> float:
 def _read_config(directory) -> dict[str, Any]:
     """``adapter_config.json``, every value jlora uses checked (file and key named)."""
     config_file = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(config_file):
+    if not os.path.exists(config_file):
         raise MissingFileError(f"no PEFT adapter config: {config_file} does not exist")
     try:
-        with open(config_file, "rb") as handle:
-            config = json.loads(handle.read().decode("utf-8"))
+        config = json.loads(_io.read_small_file(config_file, what="adapter config").decode())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise FileFormatError(config_file, f"not valid UTF-8 JSON ({error})") from None
     except OSError as error:
@@ -730,6 +729,8 @@ def _read_config(directory) -> dict[str, Any]:
 
 def _read_tensors(directory) -> dict[str, np.ndarray]:
     weights_file = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    if os.path.exists(weights_file) and not os.path.isfile(weights_file):
+        raise FileFormatError(weights_file, "the adapter weights are not a regular file")
     if not os.path.isfile(weights_file):
         pickled = os.path.join(os.fspath(directory), "adapter_model.bin")
         if os.path.exists(pickled):

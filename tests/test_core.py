@@ -423,7 +423,7 @@ def test_flops_match_hand_written_lora():
 # ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
     d_in=st.integers(1, 9),
     d_out=st.integers(1, 9),
@@ -457,7 +457,7 @@ def test_unmerge_inverts_merge(d_in, d_out, stack, rank, seed):
     )
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     batch=st.integers(1, 4),
     d_in=st.integers(1, 7),

@@ -229,7 +229,7 @@ def test_dora_equals_fn_of_merge_in_values_and_gradients():
     check_equivalence(fn, params, adapters, args, use_jit=True)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     batch=st.integers(1, 3),
     d_in=st.integers(2, 9),

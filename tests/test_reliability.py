@@ -473,3 +473,24 @@ def test_an_error_through_a_link_does_not_show_the_linked_file(tmp_path, capsys)
         (linked / name).symlink_to(tmp_path / "real" / name)
     loaded, _ = _load(linked)
     assert loaded["params"]["dense"]["kernel"].rank == 2
+
+
+def test_a_fifo_or_a_huge_file_cannot_block_or_exhaust_the_reader(tmp_path, monkeypatch):
+    from jlora import _io
+
+    directory = tmp_path / "adapter"
+    jlora.peft.save(directory, _adapters(), SPEC, key_map="flax")
+    (directory / CONFIG_NAME).unlink()
+    os.mkfifo(directory / CONFIG_NAME)  # opening it would wait for a writer forever
+    with _Deadline(20), pytest.raises(jlora.FileFormatError, match="not a regular file"):
+        _load(directory)
+    path = pathlib.Path(str(checkpoint.save(tmp_path / "ckpt", _adapters(), SPEC)))
+    (path / "jlora" / "metadata").unlink()
+    os.mkfifo(path / "jlora" / "metadata")
+    with _Deadline(20), pytest.raises(jlora.DamagedCheckpointError, match="not a regular file"):
+        checkpoint.load(path)
+    (path / "jlora" / "metadata").unlink()
+    (path / "jlora" / "metadata").write_text("{}")
+    monkeypatch.setattr(_io, "MAX_JSON_BYTES", 1)
+    with pytest.raises(jlora.DamagedCheckpointError, match="jlora reads at most 1"):
+        checkpoint.load(path)
