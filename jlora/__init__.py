@@ -17,6 +17,7 @@ from jlora._merge import delta, merge, unmerge
 from jlora._optim import labels, optimizer, summary
 from jlora._quant import QuantizedWeight, dequantize, quantize
 from jlora._spec import LoraSpec
+from jlora._stack import StackedAdapter, pad, stack, unstack
 from jlora._types import Adapters, Params, Path
 from jlora.checkpoint import load, save
 from jlora.errors import (
@@ -44,6 +45,7 @@ __all__ = [
     "Params",
     "Path",
     "QuantizedWeight",
+    "StackedAdapter",
     "Uses",
     "WriteRefusedError",
     "combine",
@@ -58,12 +60,15 @@ __all__ = [
     "lora",
     "merge",
     "optimizer",
+    "pad",
     "partition_specs",
     "peft",
     "quantize",
     "save",
     "shardings",
+    "stack",
     "state_shardings",
     "summary",
     "unmerge",
+    "unstack",
 ]

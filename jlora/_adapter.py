@@ -145,6 +145,10 @@ class LoraAdapter:
         "lora_a": ("S", "I", "R"),
         "lora_b": ("S", "R", "O"),
     }
+    # Arrays that are data but never trained (the optimizer leaves them at zero update).
+    FROZEN: ClassVar[tuple[str, ...]] = ()
+    # Static fields beyond scale, layout and dropout that checkpoints keep.
+    EXTRA_META: ClassVar[tuple[str, ...]] = ()
 
     @property
     def rank(self) -> int:

@@ -175,6 +175,7 @@ class _Context:
     key: Array | None
     fast_backward: bool = False
     uses: int = 0
+    lora_ids: Array | None = None
 
     def count(self, path: Path, factored: bool) -> None:
         if self.counts is not None:
@@ -186,7 +187,7 @@ class _Context:
 
     def child(self, key: Array | None) -> _Context:
         """The context of a loop body: same counts and fast path, its own key."""
-        return _Context(self.counts, key, self.fast_backward)
+        return _Context(self.counts, key, self.fast_backward, lora_ids=self.lora_ids)
 
     def materialize(self, value: Any) -> Any:
         if not isinstance(value, Target):
@@ -417,6 +418,56 @@ class DotUse:
             w_free = list(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
             u = jnp.transpose(u, batch_axes + w_free + x_free)
         return u
+
+    def per_example(self, x: Array, a: Array, b: Array, scales: Array, ids: Array):
+        """``s_k·(x_e·A_k)·B_k`` for each example ``e`` with ``k = ids[e]`` (0 for -1).
+
+        Grouped ``a (N, *in, R)``, ``b (N, R, *out)``, ``scales (N,)``. Only where the
+        example axis is the activation's leading free axis and the weight is the rhs,
+        contracted over its input axes with no stack axes in the view (a projection,
+        per scanned layer); None elsewhere.
+        """
+        layout = self.layout
+        if (
+            not self.weight_is_rhs
+            or self.contracted != "I"
+            or self.w_batch
+            or layout.stack_axes
+            or self.x_batch
+            or x.ndim == 0
+            or 0 in self.x_contract
+        ):
+            return None
+        if x.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"lora_ids has {ids.shape[0]} entries but an activation reaching a stacked "
+                f"adapter has leading (example) axis of size {x.shape[0]}: pass one id per "
+                "example"
+            )
+        eqn = self.eqn
+        precision = eqn.params.get("precision")
+        preferred = eqn.params.get("preferred_element_type")
+        valid = ids >= 0
+        safe = jnp.where(valid, ids, 0)
+        a_sel = jnp.take(a, safe, axis=0).astype(x.dtype)  # (E, *in, R)
+        b_sel = jnp.take(b, safe, axis=0).astype(x.dtype)  # (E, R, *out)
+        s = jnp.where(valid, jnp.take(scales, safe, axis=0), 0).astype(x.dtype)
+        a_pos = {axis: 1 + k for k, axis in enumerate(layout.in_axes)}
+        t = jax.lax.dot_general(
+            x,
+            a_sel,
+            ((tuple(self.x_contract), tuple(a_pos[w] for w in self.w_contract)), ((0,), (0,))),
+            precision=precision,
+            preferred_element_type=preferred,
+        )  # (E, *x_free, R)
+        t = t * s.reshape((-1,) + (1,) * (t.ndim - 1)).astype(t.dtype)
+        return jax.lax.dot_general(
+            t,
+            b_sel.astype(t.dtype),
+            (((t.ndim - 1,), (1,)), ((0,), (0,))),
+            precision=precision,
+            preferred_element_type=preferred,
+        )  # (E, *x_free, *out): the use's own output order
 
     def with_x(self, x: Array) -> DotUse:
         return dataclasses.replace(self, x=x)
@@ -702,7 +753,10 @@ def _adapter_regroup(eqn, target, new_shape, rest):
     sizes = {"S": layout.stack_shape, "I": layout.in_shape, "O": layout.out_shape, "R": (rank,)}
 
     def per_field(array, spans):
-        return array.reshape(tuple(d for token, _ in spans for d in sizes[token]))
+        shape = []
+        for token, axes in spans:  # a token the layout does not size keeps its axes
+            shape.extend(sizes[token] if token in sizes else [array.shape[a] for a in axes])
+        return array.reshape(tuple(shape))
 
     return _relayout(target.adapter, layout, per_field)
 
@@ -718,7 +772,13 @@ def _adapter_cast(eqn, target, new_shape, rest):
     new_dtype = eqn.params["new_dtype"]
     if not jnp.issubdtype(new_dtype, jnp.floating):
         return None
-    return _relayout(target.adapter, target.adapter.layout, lambda a, spans: a.astype(new_dtype))
+    def per_field(array, spans):
+        # Per-slot data without a feature axis (a stack's scales) keeps its dtype.
+        if not {token for token, _ in spans} & {"I", "O", "R"}:
+            return array
+        return array.astype(new_dtype)
+
+    return _relayout(target.adapter, target.adapter.layout, per_field)
 
 
 def _adapter_same(eqn, target, new_shape, rest):
@@ -922,6 +982,7 @@ def run(
     kinds: dict | None = None,
     cache: dict | None = None,
     fast_backward: bool | None = None,
+    lora_ids: Array | None = None,
 ) -> Any:
     """``fn(merge(params, adapters), *args, **kwargs)``, computed in factored form.
 
@@ -938,7 +999,14 @@ def run(
     if copies:
         params = _replace_leaves(params, copies)
     traced = trace(fn, params, args, kwargs, cache)
-    ctx = _Context(counts, key, fast_backward)
+    if lora_ids is not None:
+        lora_ids = jnp.asarray(lora_ids)
+        if lora_ids.ndim != 1 or not jnp.issubdtype(lora_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"lora_ids: expected integer ids of shape (batch,), one per example (-1 for "
+                f"no adapter); found {lora_ids.dtype}{list(lora_ids.shape)}"
+            )
+    ctx = _Context(counts, key, fast_backward, lora_ids=lora_ids)
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):
         node = nodes.get(path)

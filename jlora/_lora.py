@@ -35,9 +35,11 @@ def lora(fn: Callable, *, fast_backward: bool | None = None) -> Callable:
         Default (None): on for the CPU backend, where it was measured.
 
     Returns:
-      ``fn_lora(params, adapters, *args, lora_key=None, **kwargs)``. ``lora_key`` (a PRNG
-      key) turns on LoRA dropout on the low-rank path for adapters made with
-      ``LoraSpec(dropout > 0)``.
+      ``fn_lora(params, adapters, *args, lora_key=None, lora_ids=None, **kwargs)``.
+      ``lora_key`` (a PRNG key) turns on LoRA dropout on the low-rank path for adapters
+      made with ``LoraSpec(dropout > 0)``. ``lora_ids`` (integers of shape
+      ``(batch,)``) picks each example's slot of stacked adapters (:func:`jlora.stack`),
+      ``-1`` for the base alone.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -51,7 +53,12 @@ def lora(fn: Callable, *, fast_backward: bool | None = None) -> Callable:
 
     @functools.wraps(fn)
     def fn_lora(
-        params: Params, adapters: Adapters, *args: Any, lora_key: Array | None = None, **kwargs: Any
+        params: Params,
+        adapters: Adapters,
+        *args: Any,
+        lora_key: Array | None = None,
+        lora_ids: Array | None = None,
+        **kwargs: Any,
     ) -> Any:
         return run(
             fn,
@@ -62,13 +69,19 @@ def lora(fn: Callable, *, fast_backward: bool | None = None) -> Callable:
             key=lora_key,
             cache=traces,
             fast_backward=fast_backward,
+            lora_ids=lora_ids,
         )
 
     return fn_lora
 
 
 def explain(
-    fn: Callable, params: Params, adapters: Adapters, *args: Any, **kwargs: Any
+    fn: Callable,
+    params: Params,
+    adapters: Adapters,
+    *args: Any,
+    lora_ids: Array | None = None,
+    **kwargs: Any,
 ) -> Explanation:
     """Report, per target, how many uses ran factored and how many built ``W + s·B·A``.
 
@@ -94,10 +107,13 @@ def explain(
     counts: dict = {}
     kinds: dict = {}
     jax.eval_shape(
-        lambda p, a, ar, kw: run(fn, p, a, ar, kw, counts=counts, kinds=kinds),
+        lambda p, a, ar, kw, ids: run(
+            fn, p, a, ar, kw, counts=counts, kinds=kinds, lora_ids=ids
+        ),
         params,
         adapters,
         args,
         kwargs,
+        lora_ids,
     )
     return Explanation({path: Uses(*c) for path, c in counts.items()}, kinds=kinds)

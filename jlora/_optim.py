@@ -91,6 +91,8 @@ def optimizer(
     b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(float(lora_plus_ratio)))
     transforms = {name: tx for kind in KINDS.values() for name in kind.SIGNATURES}
     transforms.update({"lora_b": b_tx, "trainable": tx, "frozen": optax.set_to_zero()})
+    for kind in KINDS.values():  # data that never trains (a stack's per-slot scales)
+        transforms.update({name: optax.set_to_zero() for name in kind.FROZEN})
     # A callable, not the tree itself: optax would call a callable tree (an Equinox
     # module is one) as if it were the labelling function.
     return optax.partition(transforms, lambda _: tree_labels)

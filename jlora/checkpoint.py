@@ -238,6 +238,7 @@ def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
                         name: str(jnp.dtype(array.dtype)) for name, array in node.arrays().items()
                     },
                     "crc32": _checksums(node.arrays()),
+                    **{name: list(getattr(node, name)) for name in node.EXTRA_META},
                 }
             )
         else:
@@ -526,6 +527,14 @@ def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
         raise damaged("bad metadata", key=f"{key}.dtype",
                       expected=f"floating dtype names for {sorted(names)}", found=dtypes,
                       entry=path)
+    for name in KINDS[kind].EXTRA_META:  # e.g. a stack's per-slot ranks
+        value = entry.get(name)
+        if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= rank for v in value
+        ):
+            raise damaged("bad metadata", key=f"{key}.{name}",
+                          expected=f"a non-empty list of integers in [1, {rank}]", found=value,
+                          entry=path)
     checksums = entry.get("crc32")
     if checksums is not None and (
         not isinstance(checksums, dict)
@@ -727,9 +736,10 @@ def _default_target(entry: Mapping[str, Any]) -> Any:
     layout = Layout.from_dict(entry["layout"])
     rank = int(entry["rank"])
     kind = KINDS[entry["kind"]]
+    extra = {"slots": len(entry["ranks"])} if "ranks" in kind.EXTRA_META else {}
     return {
         name: jax.ShapeDtypeStruct(
-            kind.field_shape(name, layout, rank), jnp.dtype(entry["dtype"][name])
+            kind.field_shape(name, layout, rank, **extra), jnp.dtype(entry["dtype"][name])
         )
         for name in kind.SIGNATURES
     }
@@ -805,9 +815,11 @@ def _node(entry: Mapping[str, Any], arrays: Any) -> Any:
     )
     if entry["kind"] == "trainable":
         return arrays
-    return KINDS[entry["kind"]](
+    kind = KINDS[entry["kind"]]
+    return kind(
         **arrays,
         scale=float(entry["scale"]),
         layout=Layout.from_dict(entry["layout"]),
         dropout=float(entry["dropout"]),
+        **{name: tuple(int(v) for v in entry[name]) for name in kind.EXTRA_META},
     )

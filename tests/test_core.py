@@ -122,8 +122,9 @@ CASES = ["mlp", "cnn", "decoder_scan", "decoder_unrolled"]
 EQUIVALENCE = [(case, use_jit) for case in CASES for use_jit in (False, True)]
 EQUIVALENCE.remove(("decoder_unrolled", False))  # same rules as decoder_scan's eager run
 # Eager runs use the same rules as jit, op by op; mlp-eager (and test_kinds' eager run of
-# the scanned decoder) stay in the default run, the long ones run with -m slow.
-_LONG_EAGER = {("cnn", False), ("decoder_scan", False)}
+# the scanned decoder) stay in the default run, the long ones run with -m slow, as does
+# the unrolled decoder under jit (its rules are the mlp's and the scanned decoder's).
+_LONG_EAGER = {("cnn", False), ("decoder_scan", False), ("decoder_unrolled", True)}
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,11 @@ CASES = ["dense", "conv", "decoder_scan_remat", "decoder_unrolled"]
 # default, the decoders with -m slow (20-30 s each on 2 cores).
 FORMULA_CASES = [
     pytest.param(
-        name, True, id=f"{name}-jit", marks=pytest.mark.slow if name == "decoder_unrolled" else ()
+        name,
+        True,
+        id=f"{name}-jit",
+        # The scanned decoder (scan over remat) runs DoRA in test_quant's decoder cases.
+        marks=pytest.mark.slow if name in ("decoder_unrolled", "decoder_scan_remat") else (),
     )
     for name in CASES
 ]

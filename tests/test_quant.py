@@ -72,7 +72,7 @@ def test_quantized_base_alone_equals_the_dequantized_model(kind, use_jit):
 DECODER_CASES = [
     pytest.param(False, "nf4", True, id="lora-nf4-jit"),
     pytest.param(True, "nf4", True, id="dora-nf4-jit"),
-    pytest.param(True, "int8", True, id="dora-int8-jit"),
+    pytest.param(True, "int8", True, id="dora-int8-jit", marks=pytest.mark.slow),
     pytest.param(True, "nf4", False, id="dora-nf4-eager", marks=pytest.mark.slow),
     pytest.param(False, "int8", True, id="lora-int8-jit", marks=pytest.mark.slow),
 ]
