@@ -73,6 +73,7 @@ __all__ = [
     "KeyMap",
     "load",
     "load_bnb_4bit",
+    "load_stack",
     "read",
     "save",
 ]
@@ -244,8 +245,16 @@ def save(
     target: str | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> None:
     """Write ``adapters`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    A stack (:func:`jlora.stack`) is written in PEFT's multi-adapter layout: one
+    adapter directory per slot, ``<directory>/<name>/``, named by ``adapter_names``
+    (default ``adapter_0``, ``adapter_1``, ...), each slot with its own rank and scale.
+    PEFT loads them with ``PeftModel.from_pretrained(model, f"{directory}/{name}",
+    adapter_name=name)`` and ``load_adapter``, and serves a mixed batch with
+    ``adapter_names=[...]``; :func:`load_stack` reads them back.
 
     Writes ``adapter_model.safetensors`` (each factor in its own dtype, transposed to
     PyTorch's orientation, one module per layer for stacked weights) and
@@ -289,6 +298,26 @@ def save(
     """
     key_map = _resolve_key_map(key_map)
     items = adapter_items(adapters)
+    from jlora._stack import StackedAdapter, unstack
+
+    if any(isinstance(node, StackedAdapter) for _, node in items):
+        slots = unstack(adapters)
+        names = _slot_names(adapter_names, len(slots))
+        for name, slot in zip(names, slots):
+            first = next(n for _, n in adapter_items(slot) if isinstance(n, LoraAdapter))
+            slot_spec = dataclasses.replace(
+                spec,
+                rank=first.rank,
+                alpha=first.scale * scale_denominator(first.rank, spec.rslora),
+                rank_pattern=None,
+                alpha_pattern=None,
+            )
+            save(os.path.join(os.fspath(directory), name), slot, slot_spec, key_map=key_map,
+                 target=target, base_model_name_or_path=base_model_name_or_path,
+                 task_type=task_type)  # fmt: skip
+        return
+    if adapter_names is not None:
+        raise ValueError("save: adapter_names is for a stack of adapters (jlora.stack)")
     if target is not None and target != "vllm":
         raise ValueError(f"target must be None or 'vllm'; found {target!r}")
     if target == "vllm":
@@ -366,6 +395,80 @@ def _write_adapter_dir(directory: str, tensors, config) -> None:
         write_files(fresh)
 
     _io.replace_dir(directory, build, replaceable=is_adapter_dir, what="PEFT adapter directory")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _slot_names(names: Sequence[str] | None, n: int) -> list[str]:
+    names = [f"adapter_{k}" for k in range(n)] if names is None else list(names)
+    if len(names) != n:
+        raise ValueError(f"adapter_names: the stack has {n} slots; found {len(names)} names")
+    for name in names:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+            raise ValueError(
+                f"adapter_names: {name!r} is not a plain directory name (letters, digits, "
+                "'_', '.', '-')"
+            )
+    if len(set(names)) != n:
+        raise ValueError(f"adapter_names: the names {names} repeat")
+    return names
+
+
+def load_stack(
+    directory: str | os.PathLike,
+    params: Params,
+    *,
+    key_map: KeyMapLike,
+    adapter_names: Sequence[str] | None = None,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[Adapters, list[str]]:
+    """Read PEFT's multi-adapter layout (``<directory>/<name>/``) as one stack.
+
+    Each named subdirectory is read by :func:`load` and the adapters are stacked
+    (:func:`jlora.stack`): slot ``k`` is ``adapter_names[k]`` (default: every
+    subdirectory holding an adapter, sorted).
+
+    Returns:
+      ``(stacked, names)``.
+
+    Raises:
+      jlora.MissingFileError: no adapter subdirectory, or a named one is missing.
+      ValueError: as :func:`load`, or adapters that cannot stack (other targets).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora, jlora.peft
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, targets=["dense"])
+      >>> one = jlora.init(spec, params, jax.random.key(0))
+      >>> directory = tempfile.mkdtemp()
+      >>> jlora.peft.save(directory, jlora.stack([one, one]), spec, key_map="flax",
+      ...                 adapter_names=["sql", "docs"])
+      >>> stacked, names = jlora.peft.load_stack(directory, params, key_map="flax")
+      >>> names, stacked["dense"]["kernel"].lora_a.shape
+      (['docs', 'sql'], (2, 6, 2))
+    """
+    from jlora._stack import stack
+
+    root = os.fspath(directory)
+    if adapter_names is None:
+        found = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        names = [n for n in found if os.path.isfile(os.path.join(root, n, CONFIG_NAME))]
+    else:
+        names = _slot_names(adapter_names, len(list(adapter_names)))
+    if not names:
+        raise MissingFileError(
+            f"no PEFT adapter subdirectory (<name>/{CONFIG_NAME}) in {root}: expected PEFT's "
+            "multi-adapter layout"
+        )
+    trees = [
+        load(os.path.join(root, name), params, key_map=key_map, fn=fn, args=args,
+             kwargs=kwargs)[0]
+        for name in names
+    ]  # fmt: skip
+    return stack(trees), names
 
 
 def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
