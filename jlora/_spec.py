@@ -299,9 +299,14 @@ def callable_selector(selector: Any) -> bool:
 
 
 def _real(value: Any) -> bool:
-    """An int or float (numpy included), not a bool or a string."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
+    """A real number (numpy and 0-d JAX scalars included), not a bool or a string."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return False
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return getattr(value, "shape", None) == () and dtype is not None and (
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
     )
 
 

@@ -58,6 +58,7 @@ def test_finetune_lm(tmp_path):
         assert (tmp_path / "out" / "adapter_peft" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow  # 25 s; the main example (finetune_lm) stays in the default run
 def test_digits(tmp_path):
     out = run_example("digits.py", "--out", str(tmp_path))
     assert re.search(r"OK: digit \d improved at every rank", out)
@@ -65,6 +66,7 @@ def test_digits(tmp_path):
     assert (tmp_path / "digits.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # 35 s
 def test_classify_bert(tmp_path):
     out = run_example("classify_bert.py", "--out", str(tmp_path))
     before, after = map(float, re.search(r"base ([\d.]+) -> LoRA .* ([\d.]+);", out).groups())

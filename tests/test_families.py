@@ -79,8 +79,17 @@ def merged_reference(name: str):
     return jax.jit(projected_loss(merged_out, projection))(adapters, family.params)
 
 
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("name", NAMES)
+# Every family under jit; the eager interpreter (the same rules, op by op) on GPT-2 by
+# default, the other families with -m slow.
+MATCH_CASES = [
+    pytest.param(name, use_jit, id=f"{name}-{'jit' if use_jit else 'eager'}",
+                 marks=pytest.mark.slow if not use_jit and name != "gpt2" else ())
+    for name in NAMES
+    for use_jit in (False, True)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, use_jit", MATCH_CASES)
 def test_values_and_gradients_match_merged(name, use_jit):
     family, _, adapters, projection = setup(name)
 

@@ -258,6 +258,7 @@ def _check_checkpoint(original, draw):
         assert _same(_arrays(loaded), want), "a mutated checkpoint loaded as different adapters"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's loop
 @settings(FAST, max_examples=40)
 @given(data=st.data())
 def test_fuzz_checkpoint_reader(checkpoint_original, data):
@@ -276,6 +277,7 @@ def test_fuzz_peft_reader_long(peft_original, data):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @settings(LONG, max_examples=200)
 @given(data=st.data())
 def test_fuzz_checkpoint_reader_long(checkpoint_original, data):

@@ -182,6 +182,27 @@ def test_nf4_and_dora_train_and_lower_the_loss():
         assert losses[-1] < 0.8 * losses[0], (dora, losses)
 
 
+def test_quantized_shardings_follow_the_float_specs():
+    """The quick check of the slow mesh test below: NF4 arrays split as their weight."""
+    from jax.sharding import NamedSharding
+
+    from tests import test_sharding as ts
+
+    model, _, params, _, tokens, _ = ts.setup()
+    qparams = jlora.quantize(params, ts.TARGETS[:-1], fn=model.apply, args=(tokens,))
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"))
+    up_params = qparams["params"]["layers"]["up"]
+    float_specs = {"params": {"layers": {"up": {"kernel": P(None, "fsdp", "tensor"),
+                                                "bias": P(None, "tensor")}}}}  # fmt: skip
+    shardings = jax.tree_util.tree_map(lambda p: NamedSharding(mesh, p), float_specs)
+    placed = jlora.sharding.quantized_shardings(
+        {"params": {"layers": {"up": up_params}}}, shardings
+    )
+    up = placed["params"]["layers"]["up"]["kernel"]
+    assert up.codes.spec == P(None, ("fsdp", "tensor")) and up.absmax_offset.spec == P(None)
+
+
+@pytest.mark.slow  # 37 s; test_quantized_shardings_follow_the_float_specs is the quick check
 def test_nf4_dora_on_a_mesh_equals_one_device():
     from tests import test_sharding as ts
     from tests.test_dora import assert_mesh_step_equals_one_device
