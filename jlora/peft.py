@@ -913,27 +913,24 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
     return by_module, base_weights
 
 
+def _names(config: Mapping[str, Any], field: str, module: str, config_file: str) -> bool:
+    """PEFT's rule for whether ``target_modules`` / ``exclude_modules`` names ``module``:
+    a string is a regex the whole name must match, a list holds names or name suffixes."""
+    names = config.get(field)
+    if isinstance(names, str):
+        regex = compile_untrusted(names, file=config_file, key=field)
+        return regex.fullmatch(module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in names or ())
+
+
 def _targeted(config: Mapping[str, Any], module: str, config_file: str) -> bool:
-    """PEFT's rule for whether ``target_modules`` names ``module``."""
-    targets = config.get("target_modules")
-    if targets is None or targets == "all-linear":
+    if config.get("target_modules") in (None, "all-linear"):
         return True
-    if isinstance(targets, str):
-        return compile_untrusted(targets, file=config_file, key="target_modules").fullmatch(
-            module
-        ) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
+    return _names(config, "target_modules", module, config_file)
 
 
 def _excluded(config: Mapping[str, Any], module: str, config_file: str) -> bool:
-    exclude = config.get("exclude_modules")
-    if not exclude:
-        return False
-    if isinstance(exclude, str):
-        return compile_untrusted(exclude, file=config_file, key="exclude_modules").fullmatch(
-            module
-        ) is not None
-    return any(module == t or module.endswith(f".{t}") for t in exclude)
+    return _names(config, "exclude_modules", module, config_file)
 
 
 def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dict, dict, str]:

@@ -430,16 +430,22 @@ def test_cli_key_map_takes_dotted_identifiers_only(tmp_path, capsys):
 # -- 5. links ----------------------------------------------------------------------------
 
 
-def test_writes_never_follow_links(tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    secret = outside / "secret.json"
-    secret.write_text('{"r": "TOP-SECRET"}')
+def _planted(tmp_path, folder, text):
+    """An adapter directory whose config is a link to a secret JSON file."""
+    (tmp_path / folder).mkdir(exist_ok=True)
+    secret = tmp_path / folder / "secret.json"
+    secret.write_text(text)
     directory = tmp_path / "adapter"
     jlora.peft.save(directory, _adapters(), SPEC, key_map="flax")
-    # A planted link where the config goes: the save replaces the link, never its target.
     (directory / CONFIG_NAME).unlink()
     (directory / CONFIG_NAME).symlink_to(secret)
+    return secret, directory
+
+
+def test_writes_never_follow_links(tmp_path):
+    outside = tmp_path / "outside"
+    # A planted link where the config goes: the save replaces the link, never its target.
+    secret, directory = _planted(tmp_path, "outside", '{"r": "TOP-SECRET"}')
     jlora.peft.save(directory, _adapters(), SPEC, key_map="flax")
     assert secret.read_text() == '{"r": "TOP-SECRET"}'
     assert not (directory / CONFIG_NAME).is_symlink()
@@ -454,12 +460,9 @@ def test_writes_never_follow_links(tmp_path):
 
 
 def test_an_error_through_a_link_does_not_show_the_linked_file(tmp_path, capsys):
-    secret = tmp_path / "secret.json"
-    secret.write_text('{"peft_type": "TOP-SECRET", "r": 2, "lora_alpha": 2}')
-    directory = tmp_path / "adapter"
-    jlora.peft.save(directory, _adapters(), SPEC, key_map="flax")
-    (directory / CONFIG_NAME).unlink()
-    (directory / CONFIG_NAME).symlink_to(secret)
+    _, directory = _planted(
+        tmp_path, "elsewhere", '{"peft_type": "TOP-SECRET", "r": 2, "lora_alpha": 2}'
+    )
     with pytest.raises(jlora.FileFormatError, match="peft_type") as caught:
         _load(directory)
     assert "TOP-SECRET" not in str(caught.value)
