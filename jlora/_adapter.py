@@ -165,16 +165,33 @@ class LoraAdapter:
         return dataclasses.replace(self, **arrays)
 
     @classmethod
-    def field_shape(cls, name: str, layout: Layout, rank: int) -> tuple[int, ...]:
-        """The storage shape of field ``name`` for a weight of ``layout`` at ``rank``."""
+    def extra_sizes_from(cls, meta: Any) -> dict[str, int]:
+        """Sizes of the kind's own signature tokens (beyond S, I, O, R), from its
+        ``EXTRA_META`` fields (``meta[name]``): a checkpoint entry or the node itself."""
+        return {}
+
+    @property
+    def extra_sizes(self) -> dict[str, int]:
+        """:meth:`extra_sizes_from` this node's own static fields."""
+        return self.extra_sizes_from({name: getattr(self, name) for name in self.EXTRA_META})
+
+    @classmethod
+    def field_shape(cls, name: str, layout: Layout, rank: int, **extra: int) -> tuple[int, ...]:
+        """The storage shape of field ``name`` for a weight of ``layout`` at ``rank``
+        (``extra``: sizes of the kind's own tokens, see :meth:`extra_sizes_from`)."""
         sizes = {"I": (layout.in_features,), "O": (layout.out_features,), "R": (rank,)}
+        sizes.update({token: (size,) for token, size in extra.items()})
         shape: list[int] = []
         for token in cls.SIGNATURES[name]:
             shape.extend(layout.stack_shape if token == "S" else sizes[token])
         return tuple(shape)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: self.field_shape(name, self.layout, self.rank) for name in self.SIGNATURES}
+        extra = self.extra_sizes
+        return {
+            name: self.field_shape(name, self.layout, self.rank, **extra)
+            for name in self.SIGNATURES
+        }
 
     def grouped(self) -> dict[str, Array]:
         """The arrays reshaped to grouped form: each token expanded to its weight axes."""
@@ -184,6 +201,7 @@ class LoraAdapter:
             "I": layout.in_shape,
             "O": layout.out_shape,
             "R": (self.rank,),
+            **{token: (size,) for token, size in self.extra_sizes.items()},
         }
         return {
             name: array.reshape(tuple(d for t in self.SIGNATURES[name] for d in sizes[t]))
@@ -192,12 +210,9 @@ class LoraAdapter:
 
     def flattened(self) -> LoraAdapter:
         """From grouped form (inside the engine) back to storage form, for ``layout``."""
-        rank = self.rank
+        shapes = self.expected_shapes()
         return self.with_arrays(
-            **{
-                name: array.reshape(self.field_shape(name, self.layout, rank))
-                for name, array in self.arrays().items()
-            }
+            **{name: array.reshape(shapes[name]) for name, array in self.arrays().items()}
         )
 
     # -- the engine's term for one use ---------------------------------------------------

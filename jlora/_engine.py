@@ -751,12 +751,10 @@ def _adapter_regroup(eqn, target, new_shape, rest):
         return None
     rank = target.adapter.rank
     sizes = {"S": layout.stack_shape, "I": layout.in_shape, "O": layout.out_shape, "R": (rank,)}
+    sizes.update({token: (size,) for token, size in target.adapter.extra_sizes.items()})
 
     def per_field(array, spans):
-        shape = []
-        for token, axes in spans:  # a token the layout does not size keeps its axes
-            shape.extend(sizes[token] if token in sizes else [array.shape[a] for a in axes])
-        return array.reshape(tuple(shape))
+        return array.reshape(tuple(d for token, _ in spans for d in sizes[token]))
 
     return _relayout(target.adapter, layout, per_field)
 
@@ -772,6 +770,7 @@ def _adapter_cast(eqn, target, new_shape, rest):
     new_dtype = eqn.params["new_dtype"]
     if not jnp.issubdtype(new_dtype, jnp.floating):
         return None
+
     def per_field(array, spans):
         # Per-slot data without a feature axis (a stack's scales) keeps its dtype.
         if not {token for token, _ in spans} & {"I", "O", "R"}:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jlora._adapter import KINDS, DoraAdapter, Layout, LoraAdapter, Signature, is_adapter
+from jlora._adapter import KINDS, DoraAdapter, LoraAdapter, Signature, is_adapter
 from jlora._paths import path_str
 from jlora._tree import adapter_items
 from jlora._types import Adapters, Array
@@ -59,40 +59,11 @@ class StackedAdapter(LoraAdapter):
         return len(self.ranks)
 
     @classmethod
-    def field_shape(cls, name: str, layout: Layout, rank: int, slots: int = 1) -> tuple:
-        sizes = {"I": (layout.in_features,), "O": (layout.out_features,), "R": (rank,),
-                 "N": (slots,)}
-        shape: list[int] = []
-        for token in cls.SIGNATURES[name]:
-            shape.extend(layout.stack_shape if token == "S" else sizes[token])
-        return tuple(shape)
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {
-            name: self.field_shape(name, self.layout, self.rank, self.slots)
-            for name in self.SIGNATURES
-        }
-
-    def grouped(self) -> dict[str, Array]:
-        layout = self.layout
-        sizes = {"S": layout.stack_shape, "I": layout.in_shape, "O": layout.out_shape,
-                 "R": (self.rank,), "N": (self.slots,)}
-        return {
-            name: array.reshape(tuple(d for t in self.SIGNATURES[name] for d in sizes[t]))
-            for name, array in self.arrays().items()
-        }
-
-    def flattened(self) -> StackedAdapter:
-        return self.with_arrays(
-            **{
-                name: array.reshape(self.field_shape(name, self.layout, self.rank, self.slots))
-                for name, array in self.arrays().items()
-            }
-        )
+    def extra_sizes_from(cls, meta: Any) -> dict[str, int]:
+        return {"N": len(meta["ranks"])}  # the slot axis
 
     def output(self, use: Any, x: Array, base: Array, weight: Any) -> tuple | None:
         ids = getattr(getattr(use, "ctx", None), "lora_ids", None)
-        path = getattr(use, "path", None)
         term = getattr(use, "per_example", None)
         if ids is None and term is not None:
             raise ValueError(
@@ -104,7 +75,7 @@ class StackedAdapter(LoraAdapter):
                                            jax.lax.stop_gradient(self.scales), ids)
         if u is None:
             raise ValueError(
-                f"a stacked adapter{'' if path is None else f' at {path!r}'} is used where "
+                "a stacked adapter is used where "
                 "the example axis does not reach the matmul as the leading axis of the "
                 "activation (a convolution, a lookup, a transposed use or a contraction "
                 "over stack axes); jlora cannot give each example its own adapter there"

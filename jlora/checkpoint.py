@@ -736,7 +736,7 @@ def _default_target(entry: Mapping[str, Any]) -> Any:
     layout = Layout.from_dict(entry["layout"])
     rank = int(entry["rank"])
     kind = KINDS[entry["kind"]]
-    extra = {"slots": len(entry["ranks"])} if "ranks" in kind.EXTRA_META else {}
+    extra = kind.extra_sizes_from(entry)
     return {
         name: jax.ShapeDtypeStruct(
             kind.field_shape(name, layout, rank, **extra), jnp.dtype(entry["dtype"][name])
