@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._types import is_int, is_real
+
 __all__ = [
     "NF4_CODEBOOK",
     "dequantize_absmax",
@@ -149,7 +151,7 @@ def _num_blocks(n: int, block_size: int) -> int:
 
 
 def _check_block_size(block_size: int, name: str = "block_size") -> None:
-    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
+    if not is_int(block_size):
         raise TypeError(f"{name} must be a Python int, got {type(block_size).__name__}")
     if block_size <= 0 or block_size % 2:
         raise ValueError(f"{name} must be a positive even number, got {block_size}")
@@ -454,7 +456,7 @@ def _json_state(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, Any
 
 def _int_field(state: Mapping[str, Any], prefix: str, key: str, field: str) -> int:
     value = state.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise _bad(prefix, f"{key}[{field!r}]", "a positive integer", repr(value))
     return value
 
@@ -504,7 +506,7 @@ def read_bnb_4bit(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, A
     if (
         not isinstance(shape_field, list)
         or not shape_field
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape_field)
+        or not all(is_int(d) and d > 0 for d in shape_field)
     ):
         raise _bad(prefix, f"{skey}['shape']", "a list of positive integers", repr(shape_field))
     shape = tuple(shape_field)
@@ -557,7 +559,7 @@ def read_bnb_4bit(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, A
 
     nested_block_size = _int_field(state, prefix, skey, "nested_blocksize")
     offset = state.get("nested_offset")
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not np.isfinite(offset):
+    if not is_real(offset) or not np.isfinite(offset):
         raise _bad(prefix, f"{skey}['nested_offset']", "a finite number", repr(offset))
     nested_dtype = state.get("nested_dtype", "float32")
     if nested_dtype != "float32":

@@ -14,7 +14,7 @@ import numpy as np
 from jlora._adapter import NOT_WEIGHTS, lora_scale
 from jlora._paths import describe, leaves_with_paths, shape_of
 from jlora._regex import compile_trusted, compile_untrusted
-from jlora._types import Params, Path, Selector
+from jlora._types import Params, Path, Selector, is_int, is_real
 from jlora._weights import is_weight_node
 
 _INITS = ("kaiming", "gaussian")
@@ -99,13 +99,9 @@ class LoraSpec:
         for field in ("targets", "exclude", "trainable"):
             if isinstance(getattr(self, field), str):
                 compile_trusted(getattr(self, field), what=f"LoraSpec.{field}")
-        if (
-            isinstance(self.rank, (bool, np.bool_))
-            or not isinstance(self.rank, (int, np.integer))
-            or self.rank <= 0
-        ):
+        if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"LoraSpec.rank must be a positive integer; found {self.rank!r}")
-        if not _real(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
+        if not is_real(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1); found {self.dropout!r}")
         if not isinstance(self.dora, (bool, np.bool_)):
             raise TypeError(f"LoraSpec.dora must be a bool; found {self.dora!r}")
@@ -117,23 +113,19 @@ class LoraSpec:
                 object.__setattr__(self, field, dict(pattern))
                 for regex in pattern:
                     compile_trusted(regex, what=f"LoraSpec.{field} key")
-        if not _real(self.alpha) or not math.isfinite(self.alpha) or self.alpha < 0:
+        if not is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha < 0:
             raise ValueError(
                 f"LoraSpec.alpha must be a finite non-negative number; found {self.alpha!r}"
             )
         if not isinstance(self.rslora, (bool, np.bool_)):
             raise TypeError(f"LoraSpec.rslora must be a bool; found {self.rslora!r}")
         for regex, rank in (self.rank_pattern or {}).items():
-            if (
-                isinstance(rank, (bool, np.bool_))
-                or not isinstance(rank, (int, np.integer))
-                or rank <= 0
-            ):
+            if not is_int(rank) or rank <= 0:
                 raise ValueError(
                     f"LoraSpec.rank_pattern[{regex!r}] must be a positive integer; found {rank!r}"
                 )
         for regex, alpha in (self.alpha_pattern or {}).items():
-            if not _real(alpha) or not math.isfinite(alpha) or alpha < 0:
+            if not is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
                 raise ValueError(
                     f"LoraSpec.alpha_pattern[{regex!r}] must be a finite non-negative "
                     f"number; found {alpha!r}"
@@ -296,18 +288,6 @@ def _pattern_value(pattern: Mapping[str, Any] | None, path: Path, default: Any) 
 def callable_selector(selector: Any) -> bool:
     """Whether a selector is a predicate (rather than a regex or a list of names)."""
     return callable(selector) and not isinstance(selector, str)
-
-
-def _real(value: Any) -> bool:
-    """A real number (numpy and 0-d JAX scalars included), not a bool or a string."""
-    if isinstance(value, (bool, np.bool_, str, bytes)):
-        return False
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return True
-    dtype = getattr(value, "dtype", None)
-    return getattr(value, "shape", None) == () and dtype is not None and (
-        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-    )
 
 
 def _leaf_name(path: Path) -> str:

@@ -36,7 +36,7 @@ from jlora._paths import describe, path_str, shape_of
 from jlora._regex import compile_untrusted
 from jlora._spec import LoraSpec
 from jlora._tree import adapter_items
-from jlora._types import Adapters, Path
+from jlora._types import Adapters, Path, is_int, is_real
 from jlora.errors import DamagedCheckpointError, FileFormatError, MissingFileError
 
 __all__ = ["load", "read_metadata", "resolve", "save"]
@@ -115,10 +115,7 @@ def save(
         }
     )
     root = _as_path(directory)
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, (int, np.integer))
-        or max_to_keep < 1
-    ):
+    if max_to_keep is not None and (not is_int(max_to_keep) or max_to_keep < 1):
         raise ValueError(
             f"save: max_to_keep must be a positive integer or None (keep every step); found "
             f"{max_to_keep!r}"
@@ -279,7 +276,7 @@ def _nbytes(array: Any) -> int:
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    if not is_int(step) or step < 0:
         raise ValueError(f"step must be a non-negative integer; found {step!r}")
     return int(step)
 
@@ -448,7 +445,7 @@ def _read_metadata(path: epath.Path) -> dict[str, Any]:
             expected=repr(FORMAT), found=metadata.get("format"),
         )
     version = metadata.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if not is_int(version) or version < 1:
         raise damaged("bad metadata", key="version", expected="a positive integer",
                       found=version)
     if version > VERSION:
@@ -490,7 +487,7 @@ def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
     if kind == "trainable":
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+            is_int(n) and n >= 0 for n in shape
         ):
             raise damaged("bad metadata", key=f"{key}.shape",
                           expected="a list of non-negative integers", found=shape, entry=path)
@@ -502,13 +499,12 @@ def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
         raise damaged("bad metadata", key=f"{key}.kind",
                       expected=f"one of {[*sorted(KINDS), 'trainable']}", found=kind, entry=path)
     rank = entry.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise damaged("bad metadata", key=f"{key}.rank", expected="a positive integer",
                       found=rank, entry=path)
     for field, low, high in (("scale", -math.inf, math.inf), ("dropout", 0.0, 1.0)):
         value = entry.get(field)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or not low <= value < high:
+        if not is_real(value) or not math.isfinite(value) or not low <= value < high:
             expected = "a finite number" if field == "scale" else "a number in [0, 1)"
             raise damaged("bad metadata", key=f"{key}.{field}", expected=expected,
                           found=value, entry=path)
@@ -530,7 +526,7 @@ def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
     for name in KINDS[kind].EXTRA_META:  # e.g. a stack's per-slot ranks
         value = entry.get(name)
         if not isinstance(value, list) or not value or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= rank for v in value
+            is_int(v) and 0 < v <= rank for v in value
         ):
             raise damaged("bad metadata", key=f"{key}.{name}",
                           expected=f"a non-empty list of integers in [1, {rank}]", found=value,
@@ -538,7 +534,7 @@ def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
     checksums = entry.get("crc32")
     if checksums is not None and (
         not isinstance(checksums, dict)
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in checksums.values())
+        or not all(is_int(v) for v in checksums.values())
     ):
         raise damaged("bad metadata", key=f"{key}.crc32", expected="integers per field",
                       found=checksums, entry=path)

@@ -61,7 +61,7 @@ from jlora._paths import describe, leaves_with_paths, path_str, shape_of
 from jlora._regex import compile_untrusted, peft_match
 from jlora._spec import LoraSpec
 from jlora._tree import adapter_items, build_like
-from jlora._types import Adapters, Params, Path
+from jlora._types import Adapters, Params, Path, is_int, is_real
 from jlora._weights import is_weight_node
 from jlora.errors import FileFormatError, MissingFileError, through_link
 
@@ -752,18 +752,14 @@ _UNSUPPORTED = {
 }
 
 
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_rank(value: Any, file: str, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise FileFormatError(file, key=key, expected="a positive integer", found=value)
     return value
 
 
 def _check_alpha(value: Any, file: str, key: str) -> float:
-    if not _real(value) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
         raise FileFormatError(file, key=key, expected="a finite non-negative number", found=value)
     return float(value)
 
@@ -792,7 +788,7 @@ def _read_config(directory) -> dict[str, Any]:
         if value is not None and not isinstance(value, bool):
             raise FileFormatError(config_file, key=field, expected="true or false", found=value)
     dropout = config.get("lora_dropout")
-    if dropout is not None and (not _real(dropout) or not 0.0 <= dropout < 1.0):
+    if dropout is not None and (not is_real(dropout) or not 0.0 <= dropout < 1.0):
         raise FileFormatError(config_file, key="lora_dropout", expected="a number in [0, 1)",
                               found=dropout)
     for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
