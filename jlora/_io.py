@@ -15,6 +15,8 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
@@ -24,8 +26,6 @@ from jlora.errors import WriteRefusedError
 
 TMP = ".jlora-tmp-"
 OLD = ".jlora-old-"
-_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-_FLAGS |= getattr(os, "O_CLOEXEC", 0)
 
 
 # JSON files jlora reads (adapter configs, checkpoint metadata) are a few KiB; a larger
@@ -104,6 +104,20 @@ def _stale(parent: str, name: str, marker: str) -> list[str]:
         return []
 
 
+def existing(target: str | os.PathLike, *, stacklevel: int = 3) -> str:
+    """``target``, or (with a warning) the old copy a replace killed mid-way left aside."""
+    text = os.fspath(target)
+    old = previous(text)
+    if old is None:
+        return text
+    warnings.warn(
+        f"{text} is missing but an interrupted save left its previous version at {old}; "
+        "reading that",
+        stacklevel=stacklevel,
+    )
+    return old
+
+
 def previous(target: str | os.PathLike) -> str | None:
     """The old copy of ``target`` left aside by a replace that was killed mid-way.
 
@@ -131,15 +145,14 @@ def _fsync_dir(directory: str) -> None:
 
 
 def exclusive_file(directory: str, prefix: str) -> tuple[int, str]:
-    """A new file in ``directory``, created exclusively, never through a link."""
-    mode = 0o666 & ~_umask()
-    for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}")
-        try:
-            return os.open(path, _FLAGS, mode), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file in {directory}")
+    """A new file in ``directory``, created exclusively, never through a link.
+
+    ``tempfile.mkstemp`` opens with ``O_EXCL | O_NOFOLLOW``; the mode is then set as
+    an ordinary file's (``0o666`` less the umask) instead of mkstemp's ``0o600``.
+    """
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, path
 
 
 def write_file(
@@ -208,7 +221,7 @@ def replace_dir(
     os.makedirs(parent, exist_ok=True)
     for stale in _stale(parent, name, TMP):
         shutil.rmtree(stale, ignore_errors=True)
-    staging = _mkdtemp(parent, f".{name}{TMP}")
+    staging = tempfile.mkdtemp(prefix=f".{name}{TMP}", dir=parent)  # 0o700, exclusive
     fresh = os.path.join(staging, name)
     try:
         build(fresh)
@@ -226,17 +239,6 @@ def replace_dir(
     for stale in _stale(parent, name, OLD):
         shutil.rmtree(stale, ignore_errors=True)
     return path
-
-
-def _mkdtemp(parent: str, prefix: str) -> str:
-    for _ in range(100):
-        path = os.path.join(parent, f"{prefix}{secrets.token_hex(6)}")
-        try:
-            os.mkdir(path, 0o700)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a staging directory in {parent}")
 
 
 # -- safetensors, streamed ------------------------------------------------------------

@@ -66,6 +66,15 @@ def compile_trusted(pattern: str, *, what: str) -> Pattern:
         raise ValueError(f"{what}: {pattern!r} is not a valid regex: {error}") from None
 
 
+def linear_time(pattern: str) -> bool:
+    """Whether RE2 accepts ``pattern`` (so it can be matched in linear time)."""
+    try:
+        _compile_re2(pattern)
+    except re2.error:
+        return False
+    return True
+
+
 def compile_untrusted(pattern: Any, *, file: str | os.PathLike, key: str) -> Pattern:
     """A pattern read from ``file`` at ``key``: RE2 only.
 

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -649,7 +648,7 @@ def load(
       (2, 4.0, 2.0)
     """
     key_map = _resolve_key_map(key_map)
-    directory = _existing(directory)
+    directory = _io.existing(directory)
     config, _, by_module, base_weights, weights_file = _read_adapter(directory)
     where = _locate(by_module, params, key_map, weights_file)
     _check_base_weights(base_weights, params, key_map, weights_file)
@@ -712,7 +711,7 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
       >>> modules["dense"]["A"].shape, modules["dense"]["scale"]
       ((2, 6), 2.0)
     """
-    directory = _existing(directory)
+    directory = _io.existing(directory)
     config, tensors, by_module, _, _ = _read_adapter(directory)
     modules = {}
     for module, factors in by_module.items():
@@ -726,21 +725,6 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
             "scale": factors["scale"],
         }
     return config, modules
-
-
-def _existing(directory) -> str:
-    """``directory``, or the old copy a replace killed mid-way left beside it."""
-    text = os.fspath(directory)
-    if not os.path.exists(text):
-        old = _io.previous(text)
-        if old is not None:
-            warnings.warn(
-                f"{text} is missing but an interrupted save left its previous version at "
-                f"{old}; reading that",
-                stacklevel=3,
-            )
-            return old
-    return text
 
 
 _BOOLEANS = ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode")
