@@ -591,8 +591,9 @@ _MERGED_BY = "jlora merge"
 _MERGE_MARK = "jlora_merge.json"
 
 
-def _check_out(options: argparse.Namespace, replaceable: Callable[[str], bool]) -> None:
-    """Refuse an output that is an input, a link, or an existing file jlora did not write."""
+def _check_out(options: argparse.Namespace, replaceable: Callable[[str], bool] | None) -> None:
+    """Refuse an output that is an input, a link, or an existing file jlora did not write
+    (``replaceable``; None where the writer itself refuses what it did not write)."""
     from jlora import _io
     from jlora.errors import WriteRefusedError
 
@@ -602,7 +603,7 @@ def _check_out(options: argparse.Namespace, replaceable: Callable[[str], bool]) 
         return
     if not options.overwrite:
         raise ValueError(f"{options.out} already exists; pass --overwrite to replace it")
-    if not replaceable(out):
+    if replaceable is not None and not replaceable(out):
         raise WriteRefusedError(
             f"--out {options.out} exists and is not something this command writes; "
             "--overwrite replaces only jlora's own output (remove it yourself or choose "
@@ -684,9 +685,6 @@ def _convert(options: argparse.Namespace) -> None:
     source_is_peft = _is_peft(options.adapter)
     if options.to == "peft":
         _check_out(options, lambda out: os.path.isdir(out) and peft.is_adapter_dir(out))
-    else:
-        _check_out(options, lambda out: checkpoint._is_checkpoint(checkpoint._as_path(out)))
-    if options.to == "peft":
         if source_is_peft:
             raise ValueError(f"{options.adapter} is already a PEFT adapter directory")
         if options.base is not None:
@@ -696,6 +694,7 @@ def _convert(options: argparse.Namespace) -> None:
             options.out, adapters, spec, key_map=_key_map(options.key_map), target=options.target
         )
     else:
+        _check_out(options, None)  # checkpoint.save replaces only a jlora checkpoint
         if not source_is_peft:
             checkpoint.resolve(options.adapter)  # a clear error for a non-adapter directory
             raise ValueError(f"{options.adapter} is already a jlora Orbax checkpoint")

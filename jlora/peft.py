@@ -70,6 +70,7 @@ __all__ = [
     "VLLM_RANKS",
     "WEIGHTS_NAME",
     "KeyMap",
+    "is_adapter_dir",
     "load",
     "load_bnb_4bit",
     "load_stack",
@@ -357,8 +358,23 @@ def save(
 _ADAPTER_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "README.md"})
 
 
-def is_adapter_dir(directory: str) -> bool:
-    """Whether ``directory`` holds nothing but a PEFT adapter's files."""
+def is_adapter_dir(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds nothing but a PEFT adapter's files (what :func:`save`
+    replaces whole, and ``jlora convert --overwrite`` may replace).
+
+    Example:
+      >>> import os, tempfile, jax, jax.numpy as jnp, jlora, jlora.peft
+      >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, targets=["dense"])
+      >>> directory = tempfile.mkdtemp()
+      >>> jlora.peft.save(directory, jlora.init(spec, params, jax.random.key(0)), spec,
+      ...                 key_map="flax")
+      >>> jlora.peft.is_adapter_dir(directory)
+      True
+      >>> open(os.path.join(directory, "notes.txt"), "w").close()
+      >>> jlora.peft.is_adapter_dir(directory)
+      False
+    """
     names = set(os.listdir(directory))
     return CONFIG_NAME in names and names <= _ADAPTER_FILES
 
@@ -456,7 +472,8 @@ def load_stack(
         found = sorted(os.listdir(root)) if os.path.isdir(root) else []
         names = [n for n in found if os.path.isfile(os.path.join(root, n, CONFIG_NAME))]
     else:
-        names = _slot_names(adapter_names, len(list(adapter_names)))
+        names = list(adapter_names)
+        names = _slot_names(names, len(names))
     if not names:
         raise MissingFileError(
             f"no PEFT adapter subdirectory (<name>/{CONFIG_NAME}) in {root}: expected PEFT's "
