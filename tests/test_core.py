@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import jlora
 from jlora._paths import leaves_with_paths
+from tests.marks import mode, slow_where
 from tests.models import CNN, MLP, Decoder
 
 # ------------------------------------------------------------------------------------
@@ -124,16 +125,12 @@ EQUIVALENCE.remove(("decoder_unrolled", False))  # same rules as decoder_scan's 
 # Eager runs use the same rules as jit, op by op; mlp-eager (and test_kinds' eager run of
 # the scanned decoder) stay in the default run, the long ones run with -m slow, as does
 # the unrolled decoder under jit (its rules are the mlp's and the scanned decoder's).
-_LONG_EAGER = {("cnn", False), ("decoder_scan", False), ("decoder_unrolled", True)}
+_LONG = {("cnn", False), ("decoder_scan", False), ("decoder_unrolled", True)}
 
 
 @pytest.mark.parametrize(
     ("case", "use_jit"),
-    [
-        pytest.param(c, j, marks=[pytest.mark.slow] if (c, j) in _LONG_EAGER else [])
-        for c, j in EQUIVALENCE
-    ],
-    ids=[f"{c}-{'jit' if j else 'eager'}" for c, j in EQUIVALENCE],
+    slow_where(EQUIVALENCE, ids=lambda c, j: f"{c}-{mode(j)}", slow=lambda *c: c in _LONG),
 )
 def test_linen_equivalence(case, use_jit):
     fn, params, adapters, x = linen_case(case)

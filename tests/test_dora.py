@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora._paths import leaves_with_paths, path_str
+from tests.marks import mode, slow_where
 from tests.models import CNN, MLP, Decoder
 from tests.test_core import (
     assert_all_factored,
@@ -149,20 +150,14 @@ CASES = ["dense", "conv", "decoder_scan_remat", "decoder_unrolled"]
 
 # Every case under jit; the eager interpreter (the same rules, op by op) on the MLP by
 # default, the decoders with -m slow (20-30 s each on 2 cores).
-FORMULA_CASES = [
-    pytest.param(
-        name,
-        True,
-        id=f"{name}-jit",
-        # The scanned decoder (scan over remat) runs DoRA in test_quant's decoder cases.
-        marks=pytest.mark.slow if name in ("decoder_unrolled", "decoder_scan_remat") else (),
-    )
-    for name in CASES
-]
-FORMULA_CASES += [
-    pytest.param(name, False, id=f"{name}-eager", marks=() if name == "dense" else pytest.mark.slow)
-    for name in CASES
-]
+# The scanned decoder (scan over remat) runs DoRA in test_quant's decoder cases.
+FORMULA_CASES = slow_where(
+    [(name, use_jit) for use_jit in (True, False) for name in CASES],
+    ids=lambda name, use_jit: f"{name}-{mode(use_jit)}",
+    slow=lambda name, use_jit: (
+        name in ("decoder_unrolled", "decoder_scan_remat") if use_jit else name != "dense"
+    ),
+)
 
 
 @pytest.mark.parametrize("name, use_jit", FORMULA_CASES)

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 import jlora
+from tests.marks import slow_where
 from tests.test_core import assert_all_factored, perturb
 from tests.test_dora import check_against_reference
 
@@ -18,16 +19,11 @@ from tests.test_dora import check_against_reference
 NAMES = ("nnx", "equinox", "gpt2", "llama", "bert")
 # NF4 on one family by default (the same rules, 20-30 s each); all five with -m slow.
 # gpt2 and bert share llama's Hugging Face Flax code paths: with -m slow.
-FAMILY_CASES = [
-    pytest.param(
-        name, False, id=f"{name}-dense", marks=pytest.mark.slow if name in ("gpt2", "bert") else ()
-    )
-    for name in NAMES
-]
-FAMILY_CASES += [
-    pytest.param(name, True, id=f"{name}-nf4", marks=() if name == "llama" else pytest.mark.slow)
-    for name in NAMES
-]
+FAMILY_CASES = slow_where(
+    [(name, quantized) for quantized in (False, True) for name in NAMES],
+    ids=lambda name, quantized: f"{name}-{'nf4' if quantized else 'dense'}",
+    slow=lambda name, quantized: name != "llama" if quantized else name in ("gpt2", "bert"),
+)
 
 
 @pytest.mark.parametrize("name, quantized", FAMILY_CASES)

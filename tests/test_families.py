@@ -19,6 +19,7 @@ import pytest
 import jlora
 from jlora._tree import adapter_items
 from tests.families import BUILDERS, Family
+from tests.marks import mode, slow_where
 
 NAMES = list(BUILDERS)
 
@@ -81,12 +82,11 @@ def merged_reference(name: str):
 
 # Every family under jit; the eager interpreter (the same rules, op by op) on GPT-2 by
 # default, the other families with -m slow.
-MATCH_CASES = [
-    pytest.param(name, use_jit, id=f"{name}-{'jit' if use_jit else 'eager'}",
-                 marks=pytest.mark.slow if not use_jit and name != "gpt2" else ())
-    for name in NAMES
-    for use_jit in (False, True)
-]  # fmt: skip
+MATCH_CASES = slow_where(
+    [(name, use_jit) for name in NAMES for use_jit in (False, True)],
+    ids=lambda name, use_jit: f"{name}-{mode(use_jit)}",
+    slow=lambda name, use_jit: not use_jit and name != "gpt2",
+)
 
 
 @pytest.mark.parametrize("name, use_jit", MATCH_CASES)
