@@ -63,22 +63,23 @@ class StackedAdapter(LoraAdapter):
         return {"N": len(meta["ranks"])}  # the slot axis
 
     def output(self, use: Any, x: Array, base: Array, weight: Any) -> tuple | None:
-        ids = getattr(getattr(use, "ctx", None), "lora_ids", None)
-        term = getattr(use, "per_example", None)
-        if ids is None and term is not None:
-            raise ValueError(
-                "a stacked adapter (jlora.stack) needs lora_ids: call "
-                "jlora.lora(fn)(params, stacked, *args, lora_ids=ids) with ids of shape "
-                "(batch,), -1 for no adapter"
-            )
-        u = None if term is None else term(x, self.lora_a, self.lora_b,
-                                           jax.lax.stop_gradient(self.scales), ids)
+        per_example = getattr(use, "per_example", None)  # only a dot_general use has one
+        u = None
+        if per_example is not None:
+            if use.ctx.lora_ids is None:
+                raise ValueError(
+                    "a stacked adapter (jlora.stack) needs lora_ids: call "
+                    "jlora.lora(fn)(params, stacked, *args, lora_ids=ids) with ids of shape "
+                    "(batch,), -1 for no adapter"
+                )
+            scales = jax.lax.stop_gradient(self.scales)
+            u = per_example(x, self.lora_a, self.lora_b, scales, use.ctx.lora_ids)
         if u is None:
             raise ValueError(
-                "a stacked adapter is used where "
-                "the example axis does not reach the matmul as the leading axis of the "
-                "activation (a convolution, a lookup, a transposed use or a contraction "
-                "over stack axes); jlora cannot give each example its own adapter there"
+                "a stacked adapter is used where the example axis does not reach the matmul "
+                "as the leading axis of the activation (a convolution, a lookup, a "
+                "transposed use or a contraction over stack axes); jlora cannot give each "
+                "example its own adapter there"
             )
         return base, u
 
