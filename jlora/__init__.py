@@ -14,6 +14,7 @@ from jlora._engine import Explanation, Uses
 from jlora._init import init
 from jlora._lora import explain, lora
 from jlora._merge import delta, merge, unmerge
+from jlora._mixture import MixtureAdapter
 from jlora._optim import labels, optimizer, summary
 from jlora._quant import QuantizedWeight, dequantize, quantize
 from jlora._spec import LoraSpec
@@ -42,6 +43,7 @@ __all__ = [
     "LoraAdapter",
     "LoraSpec",
     "MissingFileError",
+    "MixtureAdapter",
     "Params",
     "Path",
     "QuantizedWeight",

@@ -170,6 +170,12 @@ class LoraAdapter:
         ``EXTRA_META`` fields (``meta[name]``): a checkpoint entry or the node itself."""
         return {}
 
+    @classmethod
+    def meta_problem(cls, meta: Any, rank: int) -> tuple[str, str] | None:
+        """What is wrong with the ``EXTRA_META`` fields of a checkpoint entry ``meta``
+        (an adapter of ``rank``): ``(field, what was expected)``, or None when sound."""
+        return None
+
     @property
     def extra_sizes(self) -> dict[str, int]:
         """:meth:`extra_sizes_from` this node's own static fields."""

@@ -167,6 +167,11 @@ class Explanation(dict):
     __repr__ = __str__
 
 
+def _aux_dtype() -> Any:
+    """Auxiliary losses are JAX's default float: float32, or float64 under ``jax_enable_x64``."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 @dataclasses.dataclass
 class _Context:
     """Per-call state of the interpreter: use counts, the dropout key, the fast path."""
@@ -176,6 +181,7 @@ class _Context:
     fast_backward: bool = False
     uses: int = 0
     lora_ids: Array | None = None
+    aux: list | None = None  # (sum, count) pairs of balance losses, when collected
 
     def count(self, path: Path, factored: bool) -> None:
         if self.counts is not None:
@@ -186,8 +192,22 @@ class _Context:
         return jax.random.fold_in(self.key, self.uses)
 
     def child(self, key: Array | None) -> _Context:
-        """The context of a loop body: same counts and fast path, its own key."""
-        return _Context(self.counts, key, self.fast_backward, lora_ids=self.lora_ids)
+        """The context of a traced body (loop, branch, remat): same counts, fast path and
+        ids, its own key, and its own auxiliary losses (handed out as body outputs, so
+        no tracer of the body leaks into this context)."""
+        aux = None if self.aux is None else []
+        return _Context(self.counts, key, self.fast_backward, lora_ids=self.lora_ids, aux=aux)
+
+    def add_aux(self, loss: Array, count: Array | int = 1) -> None:
+        """Record one router's balance loss (ignored unless aux losses are collected)."""
+        if self.aux is not None:
+            self.aux.append((jnp.asarray(loss, _aux_dtype()), jnp.asarray(count, _aux_dtype())))
+
+    def aux_total(self) -> list[Array]:
+        """``[sum, count]`` of the recorded losses (zeros when none): a body's extra outputs."""
+        if not self.aux:
+            return [jnp.zeros((), _aux_dtype()), jnp.zeros((), _aux_dtype())]
+        return [sum(loss for loss, _ in self.aux), sum(count for _, count in self.aux)]
 
     def materialize(self, value: Any) -> Any:
         if not isinstance(value, Target):
@@ -417,6 +437,57 @@ class DotUse:
             x_free = list(range(n_batch, n_batch + n_x_free))
             w_free = list(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
             u = jnp.transpose(u, batch_axes + w_free + x_free)
+        return u
+
+    def contract_inputs(self, x: Array, piece: Array, in_start: int) -> Array:
+        """``x`` contracted with a grouped ``piece`` as this use contracts the weight.
+
+        ``piece`` holds the weight's stack axes first and its input axes from position
+        ``in_start`` on; its other axes stay free. Only for a use contracting ``"I"``.
+        The result is ``(*batch, *x_free, *piece_free)``.
+        """
+        position = {axis: k for k, axis in enumerate(self.layout.stack_axes)}
+        position.update({axis: in_start + k for k, axis in enumerate(self.layout.in_axes)})
+        return jax.lax.dot_general(
+            x,
+            piece.astype(x.dtype),
+            (
+                (tuple(self.x_contract), tuple(position[a] for a in self.w_contract)),
+                (tuple(self.x_batch), tuple(position[a] for a in self.w_batch)),
+            ),
+            precision=self.eqn.params.get("precision"),
+            preferred_element_type=self.eqn.params.get("preferred_element_type"),
+        )
+
+    def project_outputs(self, t: Array, piece: Array, n_contract: int) -> Array:
+        """``t (*batch, *x_free, *k)`` contracted over its last ``n_contract`` axes with
+        the leading non-stack axes of a grouped ``piece (*stack, *k, *out)``, placed in
+        this use's output order."""
+        n_stack = len(self.layout.stack_axes)
+        n_batch = len(self.w_batch)
+        stack = list(self.layout.stack_axes)
+        u = jax.lax.dot_general(
+            t,
+            piece.astype(t.dtype),
+            (
+                (
+                    tuple(range(t.ndim - n_contract, t.ndim)),
+                    tuple(range(n_stack, n_stack + n_contract)),
+                ),
+                (tuple(range(n_batch)), tuple(stack.index(a) for a in self.w_batch)),
+            ),
+            precision=self.eqn.params.get("precision"),
+            preferred_element_type=self.eqn.params.get("preferred_element_type"),
+        )
+        if not self.weight_is_rhs:  # dot_general puts the weight's free axes first
+            n_x_free = t.ndim - n_contract - n_batch
+            n_w_free = u.ndim - n_batch - n_x_free
+            u = jnp.transpose(
+                u,
+                list(range(n_batch))
+                + list(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
+                + list(range(n_batch, n_batch + n_x_free)),
+            )
         return u
 
     def per_example(self, x: Array, a: Array, b: Array, scales: Array, ids: Array):
@@ -818,14 +889,41 @@ def _inline(eqn, invals, ctx):
     return evaluate(closed.jaxpr, closed.consts, invals, ctx)
 
 
+def _collecting(ctx: _Context, body: Callable) -> Callable:
+    """``body`` (traced by a JAX transform, with ``ctx``), returning its outputs followed by
+    ``[sum, count]`` of the auxiliary losses it recorded when ``ctx`` collects them."""
+    if ctx.aux is None:
+        return body
+
+    def collected(*args):
+        outer, ctx.aux = ctx.aux, []
+        try:
+            outs = list(body(*args))
+            return outs + ctx.aux_total()
+        finally:
+            ctx.aux = outer
+
+    return collected
+
+
+def _gather_aux(ctx: _Context, outs: list) -> list:
+    """Strip the ``[sum, count]`` that :func:`_collecting` appended, and record them."""
+    if ctx.aux is None:
+        return outs
+    *outs, loss, count = outs
+    ctx.add_aux(loss, count)
+    return outs
+
+
 def _remat(eqn, invals, ctx):
     jaxpr = eqn.params["jaxpr"]
 
     def body(*args):
         return evaluate(jaxpr, [], list(args), ctx)
 
+    body = _collecting(ctx, body)
     run = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
-    return list(run(*invals))
+    return _gather_aux(ctx, list(run(*invals)))
 
 
 def _passthrough_carry(carry_in: list, carry_out: list) -> set[int]:
@@ -880,13 +978,18 @@ def _scan(eqn, invals, ctx):
         new_carry = [
             None if k in fixed else inner.materialize(o) for k, o in enumerate(outs[:n_carry])
         ]
-        return new_carry, [inner.materialize(o) for o in outs[n_carry:]]
+        ys = [inner.materialize(o) for o in outs[n_carry:]]
+        return new_carry, ys + (inner.aux_total() if inner.aux is not None else [])
 
     carry, ys = jax.lax.scan(
         body, loop_init, sliced, length=length, reverse=params["reverse"], unroll=params["unroll"]
     )
     carry = [fixed[k] if k in fixed else c for k, c in enumerate(carry)]
-    return list(carry) + list(ys)
+    ys = list(ys)
+    if ctx.aux is not None:  # each step's [sum, count] of balance losses, summed
+        *ys, losses, counts = ys
+        ctx.add_aux(jnp.sum(losses), jnp.sum(counts))
+    return list(carry) + ys
 
 
 def _while(eqn, invals, ctx):
@@ -906,21 +1009,31 @@ def _while(eqn, invals, ctx):
         return [fixed[k] if k in fixed else c for k, c in enumerate(carry)]
 
     def cond_fun(state):
-        carry, _ = state
+        # A loss recorded while deciding whether to loop has no step to belong to.
+        quiet = dataclasses.replace(ctx, aux=None)
         return evaluate(
-            cond_closed.jaxpr, cond_closed.consts, list(cond_consts) + full(carry), ctx
+            cond_closed.jaxpr, cond_closed.consts, list(cond_consts) + full(state[0]), quiet
         )[0]
 
     def body_fun(state):
-        carry, step = state
+        carry, step, total = state
         inner = ctx.child(jax.random.fold_in(loop_key, step) if keyed else None)
         outs = evaluate(
             body_closed.jaxpr, body_closed.consts, list(body_consts) + full(carry), inner
         )
-        return [None if k in fixed else inner.materialize(o) for k, o in enumerate(outs)], step + 1
+        if inner.aux is not None:  # running [sum, count] of balance losses
+            total = [t + a for t, a in zip(total, inner.aux_total())]
+        new_carry = [None if k in fixed else inner.materialize(o) for k, o in enumerate(outs)]
+        return new_carry, step + 1, total
 
     loop_init = [None if k in fixed else ctx.materialize(v) for k, v in enumerate(init)]
-    carry, _ = jax.lax.while_loop(cond_fun, body_fun, (loop_init, jnp.zeros((), jnp.uint32)))
+    zero = jnp.zeros((), _aux_dtype())
+    total = [zero, zero] if ctx.aux is not None else []
+    carry, _, total = jax.lax.while_loop(
+        cond_fun, body_fun, (loop_init, jnp.zeros((), jnp.uint32), total)
+    )
+    if ctx.aux is not None:
+        ctx.add_aux(*total)
     return full(carry)
 
 
@@ -934,9 +1047,10 @@ def _cond(eqn, invals, ctx):
             outs = evaluate(closed.jaxpr, closed.consts, list(ops), ctx)
             return [ctx.materialize(o) for o in outs]
 
-        return run
+        return _collecting(ctx, run)
 
-    return list(jax.lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], *operands))
+    branches = [branch_fn(b) for b in eqn.params["branches"]]
+    return _gather_aux(ctx, list(jax.lax.switch(index, branches, *operands)))
 
 
 _RULES: dict[Any, Callable] = {
@@ -982,6 +1096,7 @@ def run(
     cache: dict | None = None,
     fast_backward: bool | None = None,
     lora_ids: Array | None = None,
+    aux: bool = False,
 ) -> Any:
     """``fn(merge(params, adapters), *args, **kwargs)``, computed in factored form.
 
@@ -989,7 +1104,8 @@ def run(
     :func:`jlora._lowrank.lowrank`, whose custom VJP orders the backward products for
     XLA's fast GEMM path; being a ``custom_vjp``, it has no forward-mode derivative.
     ``counts`` and ``kinds``, when given, are filled per target path with the use counts
-    and the ``(weight kind, adapter kind)`` pair (for :func:`jlora.explain`).
+    and the ``(weight kind, adapter kind)`` pair (for :func:`jlora.explain`). With
+    ``aux``, returns ``(outputs, {"balance_loss": mean, "router_uses": count})``.
     """
     if fast_backward is None:
         fast_backward = jax.default_backend() == "cpu"
@@ -1005,7 +1121,7 @@ def run(
                 f"lora_ids: expected integer ids of shape (batch,), one per example (-1 for "
                 f"no adapter); found {lora_ids.dtype}{list(lora_ids.shape)}"
             )
-    ctx = _Context(counts, key, fast_backward, lora_ids=lora_ids)
+    ctx = _Context(counts, key, fast_backward, lora_ids=lora_ids, aux=[] if aux else None)
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):
         node = nodes.get(path)
@@ -1021,7 +1137,12 @@ def run(
             inputs.append(leaf)
     outs = evaluate(traced.jaxpr.jaxpr, traced.jaxpr.consts, inputs + traced.arg_leaves, ctx)
     outs = [ctx.materialize(o) for o in outs]
-    return jax.tree_util.tree_unflatten(traced.out_tree, outs)
+    result = jax.tree_util.tree_unflatten(traced.out_tree, outs)
+    if not aux:
+        return result
+    loss, uses = ctx.aux_total()
+    balance = jnp.where(uses > 0, loss / jnp.maximum(uses, 1.0), 0.0)
+    return result, {"balance_loss": balance, "router_uses": uses}
 
 
 def _replace_leaves(params: Params, replacements: dict[Path, Any]) -> Params:

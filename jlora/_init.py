@@ -93,6 +93,9 @@ def init(
                 f"{list(layout.weight_shape)}; lower LoraSpec.rank or set rank_pattern"
             )
         factor_dtype = _factor_dtype(leaf, dtype)
+        if spec.experts:
+            nodes[path] = _mixture(spec, path, leaf_key, layout, rank, factor_dtype)
+            continue
         node = LoraAdapter(
             lora_a=_init_a(spec.init, leaf_key, layout, rank, factor_dtype),
             lora_b=jnp.zeros(layout.b_shape(rank), factor_dtype),
@@ -140,6 +143,32 @@ def _layouts(targets, params, fn, args, kwargs, spec_targets) -> dict[Path, Layo
                 "computation. Exclude it from the targets."
             )
     return layouts
+
+
+def _mixture(spec: LoraSpec, path: Path, key: Array, layout: Layout, rank: int, dtype: Any):
+    """``spec.experts`` fresh experts (random A, zero B) and a router, as a torch
+    ``nn.Linear`` gate starts: ``U(-1/sqrt(in), 1/sqrt(in))``."""
+    from jlora._mixture import MixtureAdapter
+
+    experts = spec.experts
+    a_key, router_key = jax.random.split(key)
+    a = jnp.stack(
+        [_init_a(spec.init, k, layout, rank, dtype) for k in jax.random.split(a_key, experts)],
+        axis=len(layout.stack_axes),
+    )
+    bound = 1.0 / math.sqrt(layout.in_features)
+    router_shape = MixtureAdapter.field_shape("router", layout, rank, E=experts)
+    router = jax.random.uniform(router_key, router_shape, jnp.float32, -bound, bound)
+    return MixtureAdapter(
+        lora_a=a,
+        lora_b=jnp.zeros(MixtureAdapter.field_shape("lora_b", layout, rank, E=experts), dtype),
+        scale=spec.scale_for(path),
+        layout=layout,
+        dropout=float(spec.dropout),
+        router=router.astype(dtype),
+        experts=experts,
+        top_k=int(spec.top_k),
+    )
 
 
 def _column_norms(leaf: Any, layout: Layout, dtype: Any) -> Array:

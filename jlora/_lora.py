@@ -10,7 +10,7 @@ from jlora._engine import Explanation, Uses, run
 from jlora._types import Adapters, Array, Params
 
 
-def lora(fn: Callable, *, fast_backward: bool | None = None) -> Callable:
+def lora(fn: Callable, *, fast_backward: bool | None = None, aux: bool = False) -> Callable:
     """Transform ``fn(params, *args, **kwargs)`` to run with adapters on its weights.
 
     ``lora(fn)(params, adapters, *args, lora_key=None, **kwargs)`` equals
@@ -33,6 +33,13 @@ def lora(fn: Callable, *, fast_backward: bool | None = None) -> Callable:
         (``benchmarks/train_step.py``). A ``custom_vjp`` has no forward-mode
         derivative, so pass ``False`` for ``jax.jvp`` / ``jax.jacfwd`` through ``fn``.
         Default (None): on for the CPU backend, where it was measured.
+      aux: also return the auxiliary losses of mixtures of LoRA experts
+        (``LoraSpec(experts=E)``): ``fn_lora`` then returns ``(outputs, aux)`` with
+        ``aux["balance_loss"]``, the Switch load-balancing loss ``E·Σ_e f_e·P_e``
+        averaged over every routed use (1.0 when the routing is balanced; 0.0 when no
+        mixture ran), and ``aux["router_uses"]``, how many uses were averaged
+        (summed over the steps of ``scan`` and ``while`` loops). Add
+        ``coef * aux["balance_loss"]`` to the training loss; ``fn`` is unchanged.
 
     Returns:
       ``fn_lora(params, adapters, *args, lora_key=None, lora_ids=None, **kwargs)``.
@@ -70,6 +77,7 @@ def lora(fn: Callable, *, fast_backward: bool | None = None) -> Callable:
             cache=traces,
             fast_backward=fast_backward,
             lora_ids=lora_ids,
+            aux=aux,
         )
 
     return fn_lora

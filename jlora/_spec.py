@@ -69,6 +69,11 @@ class LoraSpec:
       dora: DoRA (weight-decomposed LoRA): each adapter also trains a magnitude per
         output feature, ``W' = (m / ‖W + s·A·B‖) ⊙ (W + s·A·B)``, with ``m`` starting at
         the weight's column norms (PEFT's ``use_dora``).
+      experts: ``E > 0`` makes each adapter a mixture of ``E`` LoRA experts of rank
+        ``rank`` with a trained router (:class:`jlora.MixtureAdapter`, MoLoRA);
+        ``0``: one LoRA per target.
+      top_k: with ``experts``, route each token to its ``top_k`` most probable
+        experts, renormalised (MixLoRA); ``0`` mixes all of them by the softmax.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -87,6 +92,8 @@ class LoraSpec:
     alpha_pattern: Mapping[str, float] | None = None
     trainable: Selector | None = None
     dora: bool = False
+    experts: int = 0
+    top_k: int = 0
 
     def __post_init__(self):
         if self.targets is None:
@@ -105,6 +112,19 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1); found {self.dropout!r}")
         if not isinstance(self.dora, (bool, np.bool_)):
             raise TypeError(f"LoraSpec.dora must be a bool; found {self.dora!r}")
+        if not is_int(self.experts) or self.experts < 0:
+            raise ValueError(
+                f"LoraSpec.experts must be a non-negative integer (0: no mixture); found "
+                f"{self.experts!r}"
+            )
+        if not is_int(self.top_k) or not 0 <= self.top_k <= self.experts:
+            raise ValueError(
+                f"LoraSpec.top_k must be an integer in [0, experts={self.experts}] (0: all "
+                f"experts by the softmax); found {self.top_k!r}"
+            )
+        if self.experts and self.dora:
+            raise ValueError("LoraSpec: dora=True and experts > 0 do not combine (a mixture "
+                             "of DoRA experts is not defined); choose one")
         if self.init not in _INITS:
             raise ValueError(f"LoraSpec.init must be one of {_INITS}; found {self.init!r}")
         for field in ("rank_pattern", "alpha_pattern"):

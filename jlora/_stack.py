@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jlora._adapter import KINDS, DoraAdapter, LoraAdapter, Signature, is_adapter
 from jlora._paths import path_str
 from jlora._tree import adapter_items
-from jlora._types import Adapters, Array
+from jlora._types import Adapters, Array, is_int
 
 __all__ = ["StackedAdapter", "pad", "stack", "unstack"]
 
@@ -61,6 +61,15 @@ class StackedAdapter(LoraAdapter):
     @classmethod
     def extra_sizes_from(cls, meta: Any) -> dict[str, int]:
         return {"N": len(meta["ranks"])}  # the slot axis
+
+    @classmethod
+    def meta_problem(cls, meta: Any, rank: int) -> tuple[str, str] | None:
+        ranks = meta.get("ranks")
+        if not isinstance(ranks, list) or not ranks or not all(
+            is_int(r) and 0 < r <= rank for r in ranks
+        ):
+            return "ranks", f"a non-empty list of integers in [1, {rank}]"
+        return None
 
     def output(self, use: Any, x: Array, base: Array, weight: Any) -> tuple | None:
         per_example = getattr(use, "per_example", None)  # only a dot_general use has one

@@ -235,7 +235,7 @@ def _metadata(items: list[tuple[Path, Any]], spec: LoraSpec) -> dict[str, Any]:
                         name: str(jnp.dtype(array.dtype)) for name, array in node.arrays().items()
                     },
                     "crc32": _checksums(node.arrays()),
-                    **{name: list(getattr(node, name)) for name in node.EXTRA_META},
+                    **{name: _meta_json(getattr(node, name)) for name in node.EXTRA_META},
                 }
             )
         else:
@@ -526,14 +526,11 @@ def _check_entry(entry: Any, key: str, seen: set[str], damaged) -> None:
         raise damaged("bad metadata", key=f"{key}.dtype",
                       expected=f"floating dtype names for {sorted(names)}", found=dtypes,
                       entry=path)
-    for name in KINDS[kind].EXTRA_META:  # e.g. a stack's per-slot ranks
-        value = entry.get(name)
-        if not isinstance(value, list) or not value or not all(
-            is_int(v) and 0 < v <= rank for v in value
-        ):
-            raise damaged("bad metadata", key=f"{key}.{name}",
-                          expected=f"a non-empty list of integers in [1, {rank}]", found=value,
-                          entry=path)
+    problem = KINDS[kind].meta_problem(entry, rank)  # e.g. a stack's per-slot ranks
+    if problem is not None:
+        name, expected = problem
+        raise damaged("bad metadata", key=f"{key}.{name}", expected=expected,
+                      found=entry.get(name), entry=path)
     checksums = entry.get("crc32")
     if checksums is not None and (
         not isinstance(checksums, dict)
@@ -799,6 +796,16 @@ def _restore_args(target: Any) -> Any:
     return jax.tree_util.tree_map(one, target)
 
 
+def _meta_json(value: Any) -> Any:
+    """A kind's static field as JSON: an integer, or a tuple of integers as a list."""
+    return [int(v) for v in value] if isinstance(value, tuple) else int(value)
+
+
+def _meta_value(value: Any) -> Any:
+    """:func:`_meta_json` undone (the entry was checked by the kind's ``meta_problem``)."""
+    return tuple(int(v) for v in value) if isinstance(value, list) else int(value)
+
+
 def _node(entry: Mapping[str, Any], arrays: Any) -> Any:
     arrays = jax.tree_util.tree_map(
         lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, arrays
@@ -811,5 +818,5 @@ def _node(entry: Mapping[str, Any], arrays: Any) -> Any:
         scale=float(entry["scale"]),
         layout=Layout.from_dict(entry["layout"]),
         dropout=float(entry["dropout"]),
-        **{name: tuple(int(v) for v in entry[name]) for name in kind.EXTRA_META},
+        **{name: _meta_value(entry[name]) for name in kind.EXTRA_META},
     )

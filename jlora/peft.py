@@ -322,6 +322,15 @@ def save(
         raise ValueError(f"target must be None or 'vllm'; found {target!r}")
     if target == "vllm":
         _check_vllm(items, spec)
+    unwritable = [(p, n.KIND) for p, n in items if isinstance(n, LoraAdapter)
+                  and n.KIND not in ("lora", "dora")]  # fmt: skip
+    if unwritable:
+        path, kind = unwritable[0]
+        raise ValueError(
+            f"the adapter at {path!r} is a {kind} adapter (a mixture of LoRA experts routes "
+            "per token); PEFT's LoRA files hold one A and B per module, so it has no PEFT "
+            "form. Save it with jlora.checkpoint.save"
+        )
     others = [path for path, node in items if not isinstance(node, LoraAdapter)]
     if others:
         raise ValueError(
