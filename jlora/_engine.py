@@ -46,6 +46,8 @@ from jlora._primitives import (
     dot_axes,
     gather_lookup_axes,
     is_expand_dims,
+    ragged_dot_primitive,
+    ragged_rhs_axes,
     reshape_segments,
     slice_extent,
 )
@@ -730,6 +732,82 @@ class GatherUse:
         return self._place(vec.reshape((1,) * n_batch + vec.shape))
 
 
+@dataclasses.dataclass
+class RaggedUse:
+    """A grouped matmul (``jax.lax.ragged_dot``, MoE experts) with the target as its rhs.
+
+    The rows of ``x`` are split by ``group_sizes`` into consecutive groups, group ``g``
+    against the weight's slice ``g`` on its group axis, which is the weight's only stack
+    axis: each expert has its own adapter slice, and the low-rank term is two ragged
+    dots with the same groups, ``x·A_g`` then ``(·)·B_g``.
+    """
+
+    eqn: jcore.JaxprEqn
+    x: Array
+    group_sizes: Array
+    layout: Layout
+    w_contract: list[int]
+    x_contract: list[int]
+    ragged: int  # the ragged (row) axis of x
+    contracted: str = "I"
+
+    @classmethod
+    def decode(cls, eqn, invals, ctx) -> RaggedUse | None:
+        x, target, group_sizes = invals
+        if isinstance(x, Target) or isinstance(group_sizes, Target):
+            return None
+        if target.adapter is None or eqn.params.get("group_offset") is not None:
+            return None
+        numbers = eqn.params["ragged_dot_dimension_numbers"]
+        axes = ragged_rhs_axes(numbers, len(target.kinds))
+        if axes is None or len(numbers.lhs_ragged_dimensions) != 1:
+            return None
+        contract, stack, _ = axes
+        if stack != list(numbers.rhs_group_dimensions) or stack != target.axes("S"):
+            return None
+        if sorted(contract) != target.axes("I"):
+            return None
+        x_contract = list(numbers.dot_dimension_numbers[0][0])
+        (ragged,) = numbers.lhs_ragged_dimensions
+        return cls(eqn, x, group_sizes, target.adapter.layout, list(contract), x_contract, ragged)
+
+    def _ragged(self, lhs: Array, rhs: Array, lhs_contract, rhs_contract, ragged: int) -> Array:
+        subfuns, params = bind_params(self.eqn)
+        numbers = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=((tuple(lhs_contract), tuple(rhs_contract)), ((), ())),
+            lhs_ragged_dimensions=(ragged,),
+            rhs_group_dimensions=(0,),
+        )
+        params = dict(params, ragged_dot_dimension_numbers=numbers)
+        return self.eqn.primitive.bind(*subfuns, lhs, rhs, self.group_sizes, **params)
+
+    def product(self, weight: Any, x: Array | None = None) -> Array:
+        x = self.x if x is None else x
+        return weight.product(lambda w, x: bind(self.eqn, [x, w, self.group_sizes])[0], x)
+
+    def _x_free(self) -> list[int]:
+        return [a for a in range(self.x.ndim) if a not in self.x_contract]
+
+    def lowrank(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        """``s·(x·A_g)·B_g`` per group: grouped ``a (G, *in, r)``, ``b (G, r, *out)``."""
+        ins = list(self.layout.in_axes)
+        a_contract = [1 + ins.index(axis) for axis in self.w_contract]
+        t = self._ragged(x, a.astype(x.dtype), self.x_contract, a_contract, self.ragged)
+        t = t * jnp.asarray(scale, t.dtype)  # (*x_free, r)
+        ragged_t = self._x_free().index(self.ragged)
+        return self._ragged(t, b.astype(t.dtype), [t.ndim - 1], [1], ragged_t)
+
+    def per_output(self, vec: Array) -> Array:
+        """A ``(G, *out)`` array, each row of the output taking its group's entry."""
+        rows = self.x.shape[self.ragged]
+        ends = jnp.cumsum(self.group_sizes)
+        group = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
+        per_row = jnp.take(vec, jnp.minimum(group, vec.shape[0] - 1), axis=0)  # (rows, *out)
+        x_free = self._x_free()
+        shape = [rows if a == self.ragged else 1 for a in x_free] + list(vec.shape[1:])
+        return per_row.reshape(shape)
+
+
 def _contraction(decode: Callable) -> Callable:
     """A rule: decode the use, ask the weight for its product and the adapter for its term."""
 
@@ -1055,6 +1133,7 @@ def _cond(eqn, invals, ctx):
 
 _RULES: dict[Any, Callable] = {
     P.dot_general_p: _contraction(DotUse.decode),
+    **({ragged_dot_primitive(): _contraction(RaggedUse.decode)} if ragged_dot_primitive() else {}),
     P.conv_general_dilated_p: _contraction(ConvUse.decode),
     P.gather_p: _contraction(GatherUse.decode),
     P.transpose_p: _layout_rule(_adapter_transpose),

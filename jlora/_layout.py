@@ -22,6 +22,8 @@ from jlora._primitives import (
     dot_axes,
     gather_lookup_axes,
     is_expand_dims,
+    ragged_dot_primitive,
+    ragged_rhs_axes,
     reshape_segments,
     slice_extent,
 )
@@ -144,6 +146,17 @@ class _Walker:
                     stack = frozenset().union(*(v.axes[a] for a in batch))
                     outs = frozenset().union(*(v.axes[a] for a in free))
                     self.propose(v, "dot", ins, outs, stack)
+            return none
+        if prim is ragged_dot_primitive():
+            if len(views) > 1 and views[1] is not None and views[0] is None:
+                v = views[1]
+                axes = ragged_rhs_axes(params["ragged_dot_dimension_numbers"], len(v.axes))
+                if axes is not None:
+                    contract, stack, free = axes
+                    ins = frozenset().union(*(v.axes[a] for a in contract))
+                    stack_axes = frozenset().union(*(v.axes[a] for a in stack))
+                    outs = frozenset().union(*(v.axes[a] for a in free))
+                    self.propose(v, "dot", ins, outs, stack_axes)
             return none
         if prim is P.conv_general_dilated_p:
             if len(views) > 1 and views[1] is not None:

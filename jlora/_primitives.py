@@ -8,9 +8,12 @@ leaves free; which kernel axis a convolution maps to its output features; which 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from jax.extend import core as jcore
 
 P = jcore.primitives
@@ -42,6 +45,34 @@ def dot_axes(dimension_numbers: Any, side: int, ndim: int) -> tuple[list, list, 
     batch = list((lhs_batch, rhs_batch)[side])
     free = [a for a in range(ndim) if a not in contract and a not in batch]
     return contract, batch, free
+
+
+@functools.cache
+def ragged_dot_primitive() -> Any:
+    """The primitive ``jax.lax.ragged_dot`` binds, found by tracing it once (``jax.extend``
+    does not export it); None where this JAX has no ragged dot."""
+    ragged_dot = getattr(jax.lax, "ragged_dot", None)
+    if ragged_dot is None:
+        return None
+    spec = jax.ShapeDtypeStruct
+    jaxpr = jax.make_jaxpr(ragged_dot)(
+        spec((2, 1), jnp.float32), spec((1, 1, 1), jnp.float32), spec((1,), jnp.int32)
+    )
+    return jaxpr.jaxpr.eqns[0].primitive
+
+
+def ragged_rhs_axes(dimension_numbers: Any, ndim: int) -> tuple[list, list, list] | None:
+    """``(contracted, group and batch, free)`` axes of a ``ragged_dot_general``'s rhs, for
+    the grouped matmul of MoE layers (rows of the lhs split into groups, each group
+    against its own slice of the rhs); None for the other ragged modes (a ragged
+    contraction or batch, as autodiff's transposes make)."""
+    groups = list(dimension_numbers.rhs_group_dimensions)
+    if len(groups) != 1:
+        return None
+    contract, batch, _ = dot_axes(dimension_numbers.dot_dimension_numbers, 1, ndim)
+    stack = batch + groups
+    free = [a for a in range(ndim) if a not in contract and a not in stack]
+    return contract, stack, free
 
 
 def conv_kernel_axes(dimension_numbers: Any, ndim: int) -> tuple[int, list[int]]:

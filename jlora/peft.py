@@ -58,9 +58,9 @@ from jlora._adapter import (
 )
 from jlora._paths import describe, leaves_with_paths, path_str, shape_of
 from jlora._regex import compile_untrusted, peft_match
-from jlora._spec import LoraSpec
+from jlora._spec import LoraSpec, _matches
 from jlora._tree import adapter_items, build_like
-from jlora._types import Adapters, Params, Path, is_int, is_real
+from jlora._types import Adapters, Params, Path, Selector, is_int, is_real
 from jlora._weights import is_weight_node
 from jlora.errors import FileFormatError, MissingFileError, through_link
 
@@ -246,6 +246,8 @@ def save(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     adapter_names: Sequence[str] | None = None,
+    experts: Selector | None = None,
+    parameter_order: Sequence[str] | None = None,
 ) -> None:
     """Write ``adapters`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
 
@@ -278,6 +280,21 @@ def save(
       base_model_name_or_path: written to the config, for PEFT's ``from_pretrained``
         conveniences.
       task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...).
+      experts: which adapters are on MoE expert weights (below): a regex on the path
+        or a list of names of path components, as ``LoraSpec.targets``.
+      parameter_order: for expert weights, the names of the expert parameters of one
+        PyTorch module in the order the module registers them; PEFT nests one wrapper
+        per parameter in that order, which fixes the file's keys. Default: the order of
+        the adapters tree.
+
+    MoE expert weights (chosen by ``experts``) have one more stack axis than the key
+    map's module name has ``{}`` fields (``(E, in, out)``, or ``(layers, E, in, out)``
+    named ``model.layers.{}.mlp.experts``): each is a 3-D expert parameter, the last
+    stack axis its experts. It is written as PEFT's ``target_parameters`` reads it
+    (``<module>.<leaf name>``, e.g. ``model.layers.0.mlp.experts.gate_up_proj``): one
+    ``lora_A.weight (E·r, ·)`` and ``lora_B.weight (·, E·r)`` per parameter, whose
+    per-expert product is jlora's delta of that expert in the weight's own axis order.
+    PEFT's ``target_parameters`` takes no DoRA, dropout or per-parameter rank.
 
     Raises:
       ValueError: a path the key map cannot name, a stacked adapter whose module name
@@ -341,7 +358,12 @@ def save(
 
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple[Path, LoraAdapter]] = {}
+    by_expert_module: dict[str, list[tuple[str, Path, np.ndarray, np.ndarray]]] = {}
     for path, node in items:
+        if experts is not None and _matches(experts, path, node, need_matrix=False):
+            for module, param, lora_a, lora_b in _expert_params_of(path, node, key_map, spec):
+                by_expert_module.setdefault(module, []).append((param, path, lora_a, lora_b))
+            continue
         for name, a_in_r, b_r_out, magnitude in _modules_of(path, node, key_map):
             if name in modules:
                 raise ValueError(
@@ -359,8 +381,98 @@ def save(
             if magnitude is not None:  # DoRA: one value per output feature, as B's rows
                 tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(magnitude)
 
+    parameters = _write_expert_params(by_expert_module, modules, tensors, parameter_order)
     config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
+    if parameters:
+        config["target_parameters"] = parameters
     _write_adapter_dir(os.fspath(directory), tensors, config)
+
+
+def _expert_params_of(path: Path, node: LoraAdapter, key_map: Callable, spec: LoraSpec):
+    """``(module, parameter, lora_A (E·r, d1), lora_B (d0, E·r))`` per layer of one expert
+    weight ``(*layers, E, d0, d1)``, as PEFT's ``ParamWrapper`` stores them: expert
+    ``e``'s delta in the weight's order is ``s·B_e·A_e`` with ``A_e`` rows ``e·r..e·r+r``
+    of ``lora_A`` and ``B_e`` the columns ``e, E+e, ...`` of ``lora_B``."""
+    layout = node.layout
+    if type(node) is not LoraAdapter:
+        raise ValueError(
+            f"the adapter at {path!r} is a {node.KIND} adapter on an expert weight; PEFT's "
+            "target_parameters takes plain LoRA only (no DoRA)"
+        )
+    if spec.dropout:
+        raise ValueError(
+            f"the adapter at {path!r} is on an expert weight, which PEFT adapts through "
+            f"target_parameters; PEFT refuses lora_dropout there (spec has {spec.dropout})"
+        )
+    module = key_map(path)
+    if module is None:
+        raise ValueError(
+            f"key_map {_key_map_name(key_map)!r} has no PyTorch module name for the expert "
+            f"weight at {path!r}; pass a key_map that names it (see jlora.peft.KeyMap)"
+        )
+    n_outer = len(layout.stack_axes) - 1
+    if n_outer < 0 or module.count("{}") != n_outer:
+        raise ValueError(
+            f"the expert weight at {path!r} has {len(layout.stack_axes)} stack axes (layout "
+            f"{layout}) and key_map names its module {module!r}: an expert weight needs one "
+            "'{}' per stack axis but the last, which is the experts'"
+        )
+    matrix = [a for a in range(len(layout.weight_shape)) if a not in layout.stack_axes]
+    if layout.stack_axes != tuple(range(n_outer + 1)) or len(matrix) != 2 or (
+        len(layout.in_axes) != 1
+    ):
+        raise ValueError(
+            f"the expert weight at {path!r} has layout {layout}; PEFT's target_parameters "
+            "reads 3-D parameters (experts, d0, d1), so jlora writes weights whose stack "
+            "axes lead and whose last two axes are one input and one output axis"
+        )
+    if node.rank != spec.rank or not math.isclose(node.scale, spec.scale_for(path)):
+        raise ValueError(
+            f"the expert weight at {path!r} has rank {node.rank} and scale {node.scale}, "
+            f"the spec rank {spec.rank} and scale {spec.scale_for(path)}: PEFT's "
+            "target_parameters reads the config's r and lora_alpha only"
+        )
+    transposed = layout.in_axes[0] > layout.out_axes[0]  # stored (E, out, in)
+    param = module_path(path)[1]
+    a_all, b_all = np.asarray(node.lora_a), np.asarray(node.lora_b)
+    for index in np.ndindex(*layout.stack_shape[:n_outer]):
+        a, b = a_all[index], b_all[index]  # (E, in, r), (E, r, out)
+        left, right = (np.swapaxes(b, 1, 2), np.swapaxes(a, 1, 2)) if transposed else (a, b)
+        n_experts, d0, rank = left.shape  # delta_e = s·left_e (d0, r)·right_e (r, d1)
+        lora_a = right.reshape(n_experts * rank, right.shape[-1])
+        lora_b = np.transpose(left, (1, 2, 0)).reshape(d0, rank * n_experts)
+        yield module.format(*index), param, lora_a, lora_b
+
+
+def _write_expert_params(experts, modules, tensors, parameter_order) -> list[str]:
+    """Put each expert parameter's tensors under PEFT's nested ``ParamWrapper`` keys:
+    of ``n`` parameters of one module, the ``k``-th registered is ``n-1-k`` wrappers
+    deep (``<module>.base_layer.….lora_A.weight``). Returns the target parameter names."""
+    names = []
+    for module, params in sorted(experts.items()):
+        if module in modules:
+            raise ValueError(
+                f"the PyTorch module {module!r} gets both a LoRA module adapter (from "
+                f"{modules[module][0]!r}) and expert parameter adapters"
+            )
+        own = [param for param, *_ in params]
+        if len(set(own)) != len(own):
+            raise ValueError(f"two adapters map to one expert parameter of {module!r}: {own}")
+        order = own if parameter_order is None else [p for p in parameter_order if p in own]
+        missing = sorted(set(own) - set(order))
+        if missing:
+            raise ValueError(
+                f"parameter_order={list(parameter_order)} does not list {missing}, expert "
+                f"parameters of {module!r}"
+            )
+        by_param = {param: (lora_a, lora_b) for param, _, lora_a, lora_b in params}
+        for k, param in enumerate(order):
+            key = f"{PREFIX}{module}." + "base_layer." * (len(order) - 1 - k)
+            lora_a, lora_b = by_param[param]
+            tensors[f"{key}lora_A.weight"] = np.ascontiguousarray(lora_a)
+            tensors[f"{key}lora_B.weight"] = np.ascontiguousarray(lora_b)
+            names.append(f"{module}.{param}")
+    return sorted(names)
 
 
 # What peft.save writes (PEFT's save_pretrained adds a README.md, which is kept).
@@ -511,7 +623,8 @@ def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
             f"adapter at {path!r} has {len(layout.stack_axes)} stack axes (shape "
             f"{list(layout.weight_shape)}, layout {layout}) but key_map names it {name!r} "
             f"with {fields} '{{}}' fields: a stacked weight needs one '{{}}' per stack axis "
-            "for the layer index (e.g. 'model.layers.{}.self_attn.q_proj')"
+            "for the layer index (e.g. 'model.layers.{}.self_attn.q_proj'); for MoE expert "
+            "weights pass experts=<their names>"
         )
     expected = getattr(key_map, "layout", None)
     if expected is not None and not layout.stack_axes:
@@ -758,6 +871,8 @@ _UNSUPPORTED = {
     "lora_bias": "LoRA biases (lora_bias)",
     "modules_to_save": "extra saved modules (modules_to_save)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    # jlora.peft.save writes these for expert weights, but the nested keys name a depth,
+    # not a parameter: reading them back needs the PyTorch module's registration order.
     "target_parameters": "adapters on bare parameters (target_parameters)",
 }
 
