@@ -142,23 +142,36 @@ class Explanation(dict):
     """``{path: Uses}`` for every target, printed as a table with each target's kinds.
 
     ``kinds[path]`` is ``(weight kind, adapter kind)``, e.g. ``("nf4", "dora")``; the
-    adapter kind is ``"-"`` for a quantized weight without an adapter.
+    adapter kind is ``"-"`` for a quantized weight without an adapter. ``forms[path]``
+    counts the factored uses by form: ``"matmul"`` (``x·W``), ``"matmul.T"`` (``x·Wᵀ``,
+    a tied head), ``"batched"`` (the weight's stack axes batch the contraction, as
+    expert kernels in an einsum do), ``"grouped"`` (``ragged_dot`` over expert groups),
+    ``"conv"``, ``"lookup"``, ``"base only"`` (a quantized weight without an adapter),
+    with ``", per-example"`` for a stack chosen by ``lora_ids`` and ``", routed"`` for a
+    mixture of LoRA experts.
     """
 
-    def __init__(self, *args, kinds: dict[Path, tuple[str, str]] | None = None):
+    def __init__(
+        self,
+        *args,
+        kinds: dict[Path, tuple[str, str]] | None = None,
+        forms: dict[Path, dict[str, int]] | None = None,
+    ):
         super().__init__(*args)
         self.kinds = dict(kinds or {})
+        self.forms = {path: dict(by_form) for path, by_form in (forms or {}).items()}
 
     def __str__(self) -> str:
         if not self:
             return "no targets"
         width = max(len(p) for p in self)
-        lines = [f"{'target':<{width}}  weight  adapter  factored  materialized"]
+        lines = [f"{'target':<{width}}  weight  adapter  factored  materialized  forms"]
         for path, uses in self.items():
             weight, adapter = self.kinds.get(path, ("dense", "lora"))
+            forms = "; ".join(f"{form} ×{n}" for form, n in self.forms.get(path, {}).items())
             lines.append(
                 f"{path:<{width}}  {weight:<6}  {adapter:<7}  {uses.factored:>8}  "
-                f"{uses.materialized:>12}"
+                f"{uses.materialized:>12}  {forms}".rstrip()
             )
         total = sum(u.factored for u in self.values())
         total_uses = total + sum(u.materialized for u in self.values())
@@ -184,10 +197,14 @@ class _Context:
     uses: int = 0
     lora_ids: Array | None = None
     aux: list | None = None  # (sum, count) pairs of balance losses, when collected
+    forms: dict[Path, dict[str, int]] | None = None  # factored uses by form, for explain
 
-    def count(self, path: Path, factored: bool) -> None:
+    def count(self, path: Path, factored: bool, form: str | None = None) -> None:
         if self.counts is not None:
             self.counts.setdefault(path, [0, 0])[0 if factored else 1] += 1
+        if form is not None and self.forms is not None:
+            by_form = self.forms.setdefault(path, {})
+            by_form[form] = by_form.get(form, 0) + 1
 
     def next_key(self) -> Array:
         self.uses += 1
@@ -198,7 +215,10 @@ class _Context:
         ids, its own key, and its own auxiliary losses (handed out as body outputs, so
         no tracer of the body leaks into this context)."""
         aux = None if self.aux is None else []
-        return _Context(self.counts, key, self.fast_backward, lora_ids=self.lora_ids, aux=aux)
+        return _Context(
+            self.counts, key, self.fast_backward, lora_ids=self.lora_ids, aux=aux,
+            forms=self.forms,
+        )  # fmt: skip
 
     def add_aux(self, loss: Array, count: Array | int = 1) -> None:
         """Record one router's balance loss (ignored unless aux losses are collected)."""
@@ -808,6 +828,23 @@ class RaggedUse:
         return per_row.reshape(shape)
 
 
+def _form(use: Any, adapter: LoraAdapter) -> str:
+    """How a factored use ran, for :func:`jlora.explain`: the contraction, and how the
+    adapter's slot was chosen (per example for a stack, by the router for a mixture)."""
+    if isinstance(use, RaggedUse):
+        form = "grouped"  # ragged_dot: one adapter slice per expert group
+    elif isinstance(use, ConvUse):
+        form = "conv"
+    elif isinstance(use, GatherUse):
+        form = "lookup"
+    elif use.w_batch:
+        form = "batched"  # the weight's stack axes are batch axes (einsum experts)
+    else:
+        form = "matmul" if use.contracted == "I" else "matmul.T"
+    kind = {"stack": "per-example", "mixture": "routed"}.get(adapter.KIND)
+    return form if kind is None else f"{form}, {kind}"
+
+
 def _contraction(decode: Callable) -> Callable:
     """A rule: decode the use, ask the weight for its product and the adapter for its term."""
 
@@ -822,7 +859,7 @@ def _contraction(decode: Callable) -> Callable:
             others = invals[:position] + invals[position + 1 :]
             if any(isinstance(v, Target) for v in others):
                 return None
-            ctx.count(target.path, factored=True)
+            ctx.count(target.path, factored=True, form="base only")
             return [target.weight.product(contract, *others)]
         use = decode(eqn, invals, ctx)
         if use is None:
@@ -835,7 +872,7 @@ def _contraction(decode: Callable) -> Callable:
         out = target.adapter.output(use, x_low, base, target.weight)
         if out is None:
             return None
-        ctx.count(target.path, factored=True)
+        ctx.count(target.path, factored=True, form=_form(use, target.adapter))
         y, u = out
         return [y if u is None else _PendingSum(y, u)]
 
@@ -1172,6 +1209,7 @@ def run(
     key: Array | None = None,
     counts: dict | None = None,
     kinds: dict | None = None,
+    forms: dict | None = None,
     cache: dict | None = None,
     fast_backward: bool | None = None,
     lora_ids: Array | None = None,
@@ -1200,7 +1238,9 @@ def run(
                 f"lora_ids: expected integer ids of shape (batch,), one per example (-1 for "
                 f"no adapter); found {lora_ids.dtype}{list(lora_ids.shape)}"
             )
-    ctx = _Context(counts, key, fast_backward, lora_ids=lora_ids, aux=[] if aux else None)
+    ctx = _Context(
+        counts, key, fast_backward, lora_ids=lora_ids, aux=[] if aux else None, forms=forms
+    )
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):
         node = nodes.get(path)

@@ -100,8 +100,10 @@ def explain(
 
     Returns:
       ``{path: Uses(factored, materialized)}``, printed as a table that also shows each
-      target's weight kind (``dense``, ``nf4``, ``int8``) and adapter kind (``lora``,
-      ``dora``); ``.kinds`` holds those pairs by path.
+      target's weight kind (``dense``, ``nf4``, ``int8``), adapter kind (``lora``,
+      ``dora``, ``stack``, ``mixture``) and the forms its factored uses took (``matmul``,
+      ``batched``, ``grouped``..., see :class:`jlora.Explanation`); ``.kinds`` holds
+      those pairs by path and ``.forms`` the counts by form.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -114,9 +116,10 @@ def explain(
 
     counts: dict = {}
     kinds: dict = {}
+    forms: dict = {}
     jax.eval_shape(
         lambda p, a, ar, kw, ids: run(
-            fn, p, a, ar, kw, counts=counts, kinds=kinds, lora_ids=ids
+            fn, p, a, ar, kw, counts=counts, kinds=kinds, forms=forms, lora_ids=ids
         ),
         params,
         adapters,
@@ -124,4 +127,4 @@ def explain(
         kwargs,
         lora_ids,
     )
-    return Explanation({path: Uses(*c) for path, c in counts.items()}, kinds=kinds)
+    return Explanation({path: Uses(*c) for path, c in counts.items()}, kinds=kinds, forms=forms)

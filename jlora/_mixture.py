@@ -3,9 +3,11 @@
 At a use ``x·W`` the adapter adds ``Σ_e g_e(x)·s·(x·A_e)·B_e`` with gates
 ``g(x) = softmax(x·W_g)`` over the ``E`` experts, or, with ``top_k = k``, those
 probabilities kept at each token's ``k`` largest and renormalised to sum to one
-(MixLoRA). The ``E`` products ``x·A_e`` are one matmul against ``A`` laid out as
-``(in, E·r)``, and the gated sum is one matmul against ``B`` as ``(E·r, out)``: the
-cost is that of one LoRA of rank ``E·r`` plus the router's ``x·W_g``.
+(MixLoRA); with ``top_k = 1`` the top probability is kept as it is (Switch), because a
+renormalised single gate is the constant 1 and would give the router no gradient.
+The ``E`` products ``x·A_e`` are one matmul against ``A`` laid out as ``(in, E·r)``,
+and the gated sum is one matmul against ``B`` as ``(E·r, out)``: the cost is that of
+one LoRA of rank ``E·r`` plus the router's ``x·W_g``.
 
 Each use also records the Switch Transformer's load-balancing loss
 ``E·Σ_e f_e·P_e`` (``f_e``: the share of the token-to-expert assignments that went to
@@ -38,7 +40,8 @@ class MixtureAdapter(LoraAdapter):
       router: ``(*stack, in_features, E)``: the router's weight ``W_g``, trained.
       experts: ``E`` (static).
       top_k: route each token to its ``top_k`` most probable experts, the kept
-        probabilities renormalised; ``0`` mixes all ``E`` by the softmax (static).
+        probabilities renormalised (``top_k = 1``: the top probability unrenormalised,
+        Switch's gate); ``0`` mixes all ``E`` by the softmax (static).
 
     A mixture's update depends on the input, so it has no single ``delta``: it cannot be
     merged into the base or written as a PEFT LoRA file.
@@ -82,7 +85,9 @@ class MixtureAdapter(LoraAdapter):
         """``(gates, probabilities, assignments)`` from router ``logits (..., E)``.
 
         ``probabilities`` is the softmax (float32 or wider); ``gates`` the weights the experts
-        are mixed with (the probabilities, or the top-k of them renormalised);
+        are mixed with (the probabilities; the top-k of them renormalised; for
+        ``top_k = 1`` the top probability itself, as Switch Transformer does, since a
+        renormalised single gate is always 1 and gives the router no gradient);
         ``assignments`` the share of each token's routing that went to each expert
         (``1/k`` per chosen expert; the argmax with ``top_k = 0``), for the balance loss.
         """
@@ -91,7 +96,9 @@ class MixtureAdapter(LoraAdapter):
             _, chosen = jax.lax.top_k(probs, self.top_k)
             mask = jnp.sum(jax.nn.one_hot(chosen, self.experts, dtype=probs.dtype), axis=-2)
             kept = probs * mask
-            gates = kept / jnp.sum(kept, axis=-1, keepdims=True)
+            # Renormalised, one expert's gate would be 1 whatever the router says, and the
+            # task loss would never reach the router: top-1 keeps the probability (Switch).
+            gates = kept if self.top_k == 1 else kept / jnp.sum(kept, axis=-1, keepdims=True)
             assignments = mask / self.top_k
         else:
             gates = probs

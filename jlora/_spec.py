@@ -73,7 +73,8 @@ class LoraSpec:
         ``rank`` with a trained router (:class:`jlora.MixtureAdapter`, MoLoRA);
         ``0``: one LoRA per target.
       top_k: with ``experts``, route each token to its ``top_k`` most probable
-        experts, renormalised (MixLoRA); ``0`` mixes all of them by the softmax.
+        experts, renormalised (MixLoRA; ``top_k=1`` keeps the top probability as the
+        gate, as Switch does); ``0`` mixes all of them by the softmax.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])

@@ -100,3 +100,18 @@ def test_sql_grammar_is_seeded_and_well_formed():
         pick = re.search(r"pick ([\w, ]+)", statement)
         if pick:
             assert set(pick.group(1).replace(" ", "").split(",")) <= allowed
+
+
+def test_mixture(tmp_path):
+    out = run_example("mixture.py", "--out", str(tmp_path))
+    assert "OK: the fresh mixture gives the base output exactly" in out
+    assert "OK: the trained mixture's loss is below the base's on every task" in out
+    assert "OK: the routing learned the task" in out
+    # The loss table: one row per task and the mean, "task  base  LoRA r=8  MoLoRA 4x2".
+    rows = re.findall(r"^\s+(\d+|mean)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.MULTILINE)
+    assert [row[0] for row in rows] == ["0", "1", "2", "3", "mean"]
+    for _, base, lora, mixture in rows:
+        assert float(mixture) < float(base)
+        assert float(lora) < float(base)
+    assert "trainable params:" in out
+    assert (tmp_path / "routing.png").stat().st_size > 0

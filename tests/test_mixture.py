@@ -8,8 +8,8 @@ Two independent references:
 * the merged weights of plain LoRA adapters on the reference decoder, where the
   routing is fixed by construction: a zero router gives uniform gates ``1/E`` (the
   mixture is then the LoRA of rank ``E·r`` with ``A = [A_1 .. A_E]``,
-  ``B = [B_1 .. B_E]/E``), and with ``top_k=1`` every tie goes to expert 0 (the
-  mixture is then expert 0's LoRA).
+  ``B = [B_1 .. B_E]/E``), and with ``top_k=1`` every tie goes to expert 0 with its
+  probability ``1/E`` as the gate (the mixture is then expert 0's LoRA, B scaled by 1/E).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def _reference(params, node, x, top_k):
         if top_k:
             _, chosen = jax.lax.top_k(probs, top_k)
             mask = jax.nn.one_hot(chosen, experts, dtype=h.dtype).sum(-2)
-            gates = probs * mask / jnp.sum(probs * mask, -1, keepdims=True)
+            gates = probs * mask
+            if top_k > 1:
+                gates = gates / jnp.sum(gates, -1, keepdims=True)
             share = mask / top_k
         else:
             gates = probs
@@ -79,7 +81,7 @@ def float64():
         yield
 
 
-@pytest.mark.parametrize("top_k", [0, 2])
+@pytest.mark.parametrize("top_k", [0, 1, 2])
 def test_values_gradients_and_balance_loss_match_the_formula(float64, top_k):
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(3, 6, 6)) / 3)}
@@ -199,8 +201,10 @@ def test_decoder_with_fixed_routing_equals_merged_lora(decoder, top_k):
     explained = jlora.explain(fn, params, mixture, tokens)
     assert all(u.materialized == 0 and u.factored > 0 for u in explained.values()), explained
     assert {kinds[1] for kinds in explained.kinds.values()} == {"mixture"}
+    assert explained.forms["params/layers/up/kernel"] == {"matmul, routed": 1}
 
-    experts, weights = ([0, 1, 2], [1 / 3] * 3) if top_k == 0 else ([0], [1.0])
+    # top_k=1 keeps the top probability (1/3 here) as the gate, as Switch does.
+    experts, weights = ([0, 1, 2], [1 / 3] * 3) if top_k == 0 else ([0], [1 / 3])
     plain = _lora_of(mixture, experts, weights)
     out, aux = jlora.lora(fn, aux=True)(params, mixture, tokens)
     want = fn(jlora.merge(params, plain), tokens)

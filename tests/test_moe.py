@@ -107,6 +107,11 @@ def test_expert_adapters_match_the_merged_weights(mode):
     explained = jlora.explain(model.apply, params, adapters, tokens)
     assert set(explained) == {f"params/layers/{n}" for n in ("wi", "wo", "mix/kernel")}
     assert all(u.materialized == 0 and u.factored > 0 for u in explained.values()), explained
+    expert_form = {"ragged": "grouped", "einsum": "batched"}[mode]
+    for name in ("wi", "wo"):
+        assert explained.forms[f"params/layers/{name}"] == {expert_form: 1}
+    assert explained.forms["params/layers/mix/kernel"] == {"matmul": 1}
+    assert f"{expert_form} ×1" in str(explained)
 
     out = jlora.lora(model.apply)(params, adapters, tokens)
     want = model.apply(jlora.merge(params, adapters), tokens)
