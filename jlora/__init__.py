@@ -14,7 +14,7 @@ from jlora._engine import Explanation, Uses
 from jlora._init import init
 from jlora._lora import explain, lora
 from jlora._merge import delta, merge, unmerge
-from jlora._mixture import MixtureAdapter
+from jlora._mixture import MixtureAdapter, SharedRouterMixture
 from jlora._optim import labels, optimizer, summary
 from jlora._quant import QuantizedWeight, dequantize, quantize
 from jlora._spec import LoraSpec
@@ -47,6 +47,7 @@ __all__ = [
     "Params",
     "Path",
     "QuantizedWeight",
+    "SharedRouterMixture",
     "StackedAdapter",
     "Uses",
     "WriteRefusedError",

@@ -170,6 +170,11 @@ class LoraAdapter:
         ``EXTRA_META`` fields (``meta[name]``): a checkpoint entry or the node itself."""
         return {}
 
+    def resolve(self, nodes: dict[str, Any], path: str) -> LoraAdapter:
+        """The node the engine runs, given every node of the tree by path: itself, or for
+        a kind that borrows arrays from another node (a shared router), the full node."""
+        return self
+
     @classmethod
     def meta_problem(cls, meta: Any, rank: int) -> tuple[str, str] | None:
         """What is wrong with the ``EXTRA_META`` fields of a checkpoint entry ``meta``

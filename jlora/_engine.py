@@ -1244,7 +1244,7 @@ def run(
     inputs = []
     for path, leaf in zip(traced.param_paths, traced.param_leaves):
         node = nodes.get(path)
-        adapter = node if isinstance(node, LoraAdapter) else None
+        adapter = node.resolve(nodes, path) if isinstance(node, LoraAdapter) else None
         if adapter is not None or isinstance(leaf, WeightNode):
             target = grouped_target(leaf, adapter, path)
             inputs.append(target)

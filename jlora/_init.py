@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -106,6 +107,8 @@ def init(
         if spec.dora:
             node = DoraAdapter(**vars(node), magnitude=_column_norms(leaf, layout, factor_dtype))
         nodes[path] = node
+    if spec.share_router:
+        nodes.update(_share_routers({path: nodes[path] for path, _ in targets}))
     for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):
         if path not in nodes and spec.is_trainable(path, leaf):
             nodes[path] = jnp.array(leaf, copy=True)
@@ -169,6 +172,39 @@ def _mixture(spec: LoraSpec, path: Path, key: Array, layout: Layout, rank: int, 
         experts=experts,
         top_k=int(spec.top_k),
     )
+
+
+def _layer_of(path: Path) -> Path:
+    """The layer a target belongs to: the parent of its module (``.../query/kernel``
+    and ``.../value/kernel`` are in one layer; an NNX ``/value`` suffix is dropped)."""
+    parts = path.split("/")
+    if len(parts) > 2 and parts[-1] == "value":
+        parts = parts[:-1]
+    return "/".join(parts[:-2])
+
+
+def _share_routers(mixtures: dict[Path, Any]) -> dict[Path, Any]:
+    """Per layer, the first mixture keeps its router; the others borrow it."""
+    from jlora._mixture import SharedRouterMixture
+
+    owners: dict[Path, Path] = {}
+    shared = {}
+    for path, node in mixtures.items():
+        owner = owners.setdefault(_layer_of(path), path)
+        if owner == path:
+            continue
+        first = mixtures[owner]
+        if first.router.shape != node.router.shape:
+            raise ValueError(
+                f"LoraSpec(share_router=True): {path!r} and {owner!r} are in one layer but "
+                f"need routers of shapes {list(node.router.shape)} and "
+                f"{list(first.router.shape)} (inputs of other widths); exclude one or do not "
+                "share the router"
+            )
+        fields = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+        fields.pop("router")
+        shared[path] = SharedRouterMixture(**fields, router_of=owner)
+    return shared
 
 
 def _column_norms(leaf: Any, layout: Layout, dtype: Any) -> Array:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jlora._adapter import KINDS, LoraAdapter, Signature, wide_float
 from jlora._types import Array, is_int
 
-__all__ = ["MixtureAdapter"]
+__all__ = ["MixtureAdapter", "SharedRouterMixture"]
 
 
 @dataclasses.dataclass
@@ -144,6 +144,73 @@ class MixtureAdapter(LoraAdapter):
 
     def unmerge_from(self, merged: Array) -> Array:
         return self.delta()
+
+
+@dataclasses.dataclass
+class SharedRouterMixture(MixtureAdapter):
+    """A mixture whose router is another target's (``LoraSpec(share_router=True)``).
+
+    It holds its own experts (``lora_a``, ``lora_b``) but no router: at each use, the
+    router of the mixture at ``router_of`` (a target of the same layer, reading inputs
+    of the same width) is applied to this target's own input. The router is one array,
+    so its gradient sums the contributions of every target that shares it.
+
+    Attributes:
+      router_of: the path of the target whose :class:`MixtureAdapter` holds the router.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"layer": {"q": jnp.ones((8, 4)), "v": jnp.ones((8, 4))}}
+      >>> spec = jlora.LoraSpec(rank=2, targets=["layer"], experts=2, share_router=True)
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> type(adapters["layer"]["v"]).__name__, adapters["layer"]["v"].router_of
+      ('SharedRouterMixture', 'layer/q')
+    """
+
+    router_of: str = ""
+
+    KIND: ClassVar[str] = "mixture_shared"
+    SIGNATURES: ClassVar[dict[str, Signature]] = {
+        "lora_a": ("S", "E", "I", "R"),
+        "lora_b": ("S", "E", "R", "O"),
+    }
+    EXTRA_META: ClassVar[tuple[str, ...]] = ("experts", "top_k", "router_of")
+
+    @classmethod
+    def meta_problem(cls, meta: Any, rank: int) -> tuple[str, str] | None:
+        if not isinstance(meta.get("router_of"), str) or not meta.get("router_of"):
+            return "router_of", "the path of the target holding the shared router"
+        return super().meta_problem(meta, rank)
+
+    def resolve(self, nodes: dict[str, Any], path: str) -> MixtureAdapter:
+        owner = nodes.get(self.router_of)
+        if type(owner) is not MixtureAdapter:
+            found = "nothing" if owner is None else f"a {type(owner).__name__}"
+            raise ValueError(
+                f"the mixture at {path!r} shares the router of {self.router_of!r}, but the "
+                f"adapters tree holds {found} there; keep the router's target in the tree"
+            )
+        want = MixtureAdapter.field_shape("router", self.layout, self.rank, E=self.experts)
+        if tuple(owner.router.shape) != want or owner.experts != self.experts:
+            raise ValueError(
+                f"the mixture at {path!r} needs a router of shape {list(want)} ({self.experts} "
+                f"experts); the one at {self.router_of!r} is {list(owner.router.shape)} "
+                f"({owner.experts} experts)"
+            )
+        return MixtureAdapter(
+            lora_a=self.lora_a, lora_b=self.lora_b, scale=self.scale, layout=self.layout,
+            dropout=self.dropout, router=owner.router, experts=self.experts,
+            top_k=self.top_k,
+        )  # fmt: skip
+
+
+jax.tree_util.register_dataclass(
+    SharedRouterMixture,
+    data_fields=["lora_a", "lora_b"],
+    # ``router`` is the field MixtureAdapter declares, always None here.
+    meta_fields=["scale", "layout", "dropout", "router", "experts", "top_k", "router_of"],
+)
+KINDS[SharedRouterMixture.KIND] = SharedRouterMixture
 
 
 jax.tree_util.register_dataclass(

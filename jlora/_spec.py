@@ -75,6 +75,11 @@ class LoraSpec:
       top_k: with ``experts``, route each token to its ``top_k`` most probable
         experts, renormalised (MixLoRA; ``top_k=1`` keeps the top probability as the
         gate, as Switch does); ``0`` mixes all of them by the softmax.
+      share_router: with ``experts``, the targets of one layer (the leaves whose module
+        paths share a parent, such as ``layers/query/kernel`` and ``layers/value/kernel``)
+        share one router, held by the first of them
+        (:class:`jlora.SharedRouterMixture`); each applies it to its own input, so they
+        must read inputs of the same width.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -95,6 +100,7 @@ class LoraSpec:
     dora: bool = False
     experts: int = 0
     top_k: int = 0
+    share_router: bool = False
 
     def __post_init__(self):
         if self.targets is None:
@@ -123,6 +129,10 @@ class LoraSpec:
                 f"LoraSpec.top_k must be an integer in [0, experts={self.experts}] (0: all "
                 f"experts by the softmax); found {self.top_k!r}"
             )
+        if not isinstance(self.share_router, (bool, np.bool_)):
+            raise TypeError(f"LoraSpec.share_router must be a bool; found {self.share_router!r}")
+        if self.share_router and not self.experts:
+            raise ValueError("LoraSpec.share_router=True needs experts > 0 (a mixture's router)")
         if self.experts and self.dora:
             raise ValueError("LoraSpec: dora=True and experts > 0 do not combine (a mixture "
                              "of DoRA experts is not defined); choose one")

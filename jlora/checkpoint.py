@@ -797,12 +797,17 @@ def _restore_args(target: Any) -> Any:
 
 
 def _meta_json(value: Any) -> Any:
-    """A kind's static field as JSON: an integer, or a tuple of integers as a list."""
+    """A kind's static field as JSON: a string, an integer, or a tuple of integers as a
+    list."""
+    if isinstance(value, str):
+        return value
     return [int(v) for v in value] if isinstance(value, tuple) else int(value)
 
 
 def _meta_value(value: Any) -> Any:
     """:func:`_meta_json` undone (the entry was checked by the kind's ``meta_problem``)."""
+    if isinstance(value, str):
+        return value
     return tuple(int(v) for v in value) if isinstance(value, list) else int(value)
 
 

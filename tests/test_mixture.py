@@ -281,3 +281,56 @@ def test_mixture_refusals(decoder, tmp_path):
         jlora.merge(params, adapters)
     with pytest.raises(ValueError, match="mixture"):
         jlora.peft.save(tmp_path / "peft", adapters, spec, key_map="flax")
+
+
+def test_a_shared_router_is_one_array_whose_gradient_sums_its_uses(decoder, tmp_path):
+    fn, params, tokens = decoder
+    targets = ["query", "key", "value", "up"]  # all read inputs of width d_model
+    spec = jlora.LoraSpec(rank=2, targets=targets, experts=3, top_k=2, share_router=True)
+    shared = _noisy(jlora.init(spec, params, jax.random.key(4), fn=fn, args=(tokens,)), 7)
+    layer = shared["params"]["layers"]
+    owner = "params/layers/key/kernel"  # the first target of the layer in tree order
+    assert type(layer["key"]["kernel"]) is jlora.MixtureAdapter
+    for name in ("query", "value", "up"):
+        assert type(layer[name]["kernel"]) is jlora.SharedRouterMixture
+        assert layer[name]["kernel"].router_of == owner
+
+    # The reference: every target its own mixture, with a copy of the owner's router.
+    router = layer["key"]["kernel"].router
+
+    def unshared(tree):
+        def full(node):
+            if not isinstance(node, jlora.SharedRouterMixture):
+                return node
+            return jlora.MixtureAdapter(node.lora_a, node.lora_b, node.scale, node.layout,
+                                        router=router, experts=3, top_k=2)  # fmt: skip
+
+        return jax.tree_util.tree_map(full, tree, is_leaf=jlora.is_adapter)
+
+    copies = unshared(shared)
+    lora_fn = jlora.lora(fn, aux=True)
+
+    def loss(tree):
+        out, aux = lora_fn(params, tree, tokens)
+        return jnp.sum(jnp.sin(out)) + aux["balance_loss"]
+
+    np.testing.assert_allclose(loss(shared), loss(copies), rtol=1e-6)
+    got = jax.grad(loss)(shared)["params"]["layers"]
+    ref = jax.grad(loss)(copies)["params"]["layers"]
+    summed = sum(ref[name]["kernel"].router for name in targets)
+    np.testing.assert_allclose(got["key"]["kernel"].router, summed, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["up"]["kernel"].lora_b, ref["up"]["kernel"].lora_b,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+
+    path = checkpoint.save(tmp_path / "shared", shared, spec)
+    loaded, _ = checkpoint.load(path)
+    assert loaded["params"]["layers"]["up"]["kernel"].router_of == owner
+    np.testing.assert_allclose(loss(loaded), loss(shared), rtol=1e-6)
+
+    no_owner = jax.tree_util.tree_map(lambda x: x, shared)
+    del no_owner["params"]["layers"]["key"]
+    with pytest.raises(ValueError, match="shares the router of 'params/layers/key/kernel'"):
+        lora_fn(params, no_owner, tokens)
+    wider = jlora.LoraSpec(rank=2, targets=["query", "down"], experts=3, share_router=True)
+    with pytest.raises(ValueError, match="inputs of other widths"):
+        jlora.init(wider, params, jax.random.key(0), fn=fn, args=(tokens,))
