@@ -232,6 +232,7 @@ def test_decoder_with_fixed_routing_equals_merged_lora(decoder, top_k):
                                    rtol=1e-4, atol=1e-5 * float(jnp.abs(want_a).max()))
 
 
+@pytest.mark.slow  # the router's gradient is checked in float64 above; this trains it
 def test_training_moves_the_router_and_checkpoints_keep_the_mixture(decoder, tmp_path):
     fn, params, tokens = decoder
     spec = jlora.LoraSpec(rank=2, targets=["up", "down"], experts=2, top_k=1)

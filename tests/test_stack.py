@@ -79,6 +79,7 @@ def test_a_mixed_batch_equals_each_example_alone(decoder):
     explanation = jlora.explain(fn, params, stacked, tokens, lora_ids=ids)
     assert all(u.materialized == 0 and u.factored > 0 for u in explanation.values())
     assert {kind for _, kind in explanation.kinds.values()} == {"stack"}
+    assert explanation.forms["params/layers/query/kernel"] == {"matmul, per-example": 1}
 
 
 def test_swapping_stacks_or_ids_compiles_nothing_new(decoder):
