@@ -11,6 +11,7 @@ from jlora import peft
 from jlora._adapter import DoraAdapter, Layout, LoraAdapter, is_adapter
 from jlora._combine import combine
 from jlora._engine import Explanation, Uses
+from jlora._extract import extract, spectrum
 from jlora._init import init
 from jlora._lora import explain, lora
 from jlora._merge import delta, merge, unmerge
@@ -55,6 +56,7 @@ __all__ = [
     "delta",
     "dequantize",
     "explain",
+    "extract",
     "init",
     "init_sharded",
     "is_adapter",
@@ -69,6 +71,7 @@ __all__ = [
     "quantize",
     "save",
     "shardings",
+    "spectrum",
     "stack",
     "state_shardings",
     "summary",

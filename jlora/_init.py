@@ -97,10 +97,13 @@ def init(
         if spec.experts:
             nodes[path] = _mixture(spec, path, leaf_key, layout, rank, factor_dtype)
             continue
+        scale = spec.scale_for(path)
+        lora_a, lora_b = _init_factors(spec.init, leaf_key, leaf, path, layout, rank, scale,
+                                       factor_dtype)  # fmt: skip
         node = LoraAdapter(
-            lora_a=_init_a(spec.init, leaf_key, layout, rank, factor_dtype),
-            lora_b=jnp.zeros(layout.b_shape(rank), factor_dtype),
-            scale=spec.scale_for(path),
+            lora_a=lora_a,
+            lora_b=lora_b,
+            scale=scale,
             layout=layout,
             dropout=float(spec.dropout),
         )
@@ -224,6 +227,78 @@ def _factor_dtype(leaf: Any, dtype: Any) -> Any:
         return jnp.dtype(dtype)
     leaf_dtype = jnp.dtype(leaf.dtype)
     return leaf_dtype if leaf_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def _init_factors(
+    kind: str, key: Array, leaf: Any, path: Path, layout: Layout, rank: int, scale: float,
+    dtype: Any,
+) -> tuple[Array, Array]:
+    """``(A, B)`` for ``LoraSpec.init = kind``.
+
+    ``kaiming``/``gaussian``: random A, zero B. ``orthogonal``: A and B random with
+    ``A·B = 0`` (PEFT's: the two halves of an orthogonal ``r×r`` matrix). ``pissa``,
+    ``pissa_niter_K`` and ``olora`` start ``s·A·B`` at the weight's principal part
+    (its top-``r`` singular triplets, or the first ``r`` columns of a QR of ``Wᵀ``);
+    the residual base is ``jlora.unmerge(params, adapters)``.
+    """
+    if kind in ("kaiming", "gaussian"):
+        return _init_a(kind, key, layout, rank, dtype), jnp.zeros(layout.b_shape(rank), dtype)
+    if kind == "orthogonal":
+        if rank % 2:
+            raise ValueError(f"LoraSpec(init='orthogonal') needs an even rank; {path!r} has {rank}")
+        q_key, a_key, b_key = jax.random.split(key, 3)
+        q, _ = jnp.linalg.qr(jax.random.normal(q_key, (rank, rank), jnp.float32))
+        odd, even = q[0::2], q[1::2]  # orthogonal rows: odd·evenᵀ = 0
+        stack = layout.stack_shape
+        g_a = jax.random.normal(a_key, (*stack, layout.in_features, rank // 2), jnp.float32)
+        g_b = jax.random.normal(b_key, (*stack, rank // 2, layout.out_features), jnp.float32)
+        a = jnp.matmul(g_a, odd) / 10.0
+        b = jnp.matmul(even.T, g_b) / 10.0
+        return a.astype(dtype), b.astype(dtype)
+    # The spectral inits read the weight itself.
+    if isinstance(leaf, jax.ShapeDtypeStruct) or is_weight_node(leaf):
+        what = "an abstract jax.ShapeDtypeStruct" if isinstance(leaf, jax.ShapeDtypeStruct) else (
+            f"a quantized {leaf.KIND} weight"
+        )
+        raise ValueError(
+            f"LoraSpec(init={kind!r}) starts the adapter from the weight at {path!r}, which "
+            f"is {what}; pass the float weights (dequantize a quantized base first)"
+        )
+    wide = wide_float(leaf.dtype)
+    w = layout.to_grouped(jnp.asarray(leaf).astype(wide))  # (*stack, in, out)
+    s = jnp.asarray(scale, wide)
+    if kind == "olora":
+        # PEFT: Wᵀ = Q·R (out × in); B_torch = Q[:, :r], A_torch = R[:r].
+        q, r_factor = jnp.linalg.qr(jnp.swapaxes(w, -1, -2))
+        a = jnp.swapaxes(r_factor[..., :rank, :], -1, -2)  # (in, r)
+        b = jnp.swapaxes(q[..., :, :rank], -1, -2)  # (r, out)
+        return a.astype(dtype), b.astype(dtype)
+    if kind == "pissa":
+        u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+        u, sv, vt = u[..., :rank], sv[..., :rank], vt[..., :rank, :]
+    else:  # pissa_niter_K: a randomized SVD with K power iterations
+        u, sv, vt = _randomized_svd(w, rank, int(kind.rsplit("_", 1)[1]), key)
+    root = jnp.sqrt(sv / s)  # PEFT divides the singular values by the scale
+    a = u * root[..., None, :]
+    b = root[..., :, None] * vt
+    return a.astype(dtype), b.astype(dtype)
+
+
+def _randomized_svd(w: Array, rank: int, niter: int, key: Array) -> tuple[Array, Array, Array]:
+    """Top-``rank`` singular triplets of ``w (*stack, m, n)`` by a randomized range finder
+    (Halko et al.; what ``torch.svd_lowrank`` does): ``niter`` power iterations, each
+    re-orthonormalised, then the exact SVD of the small projection."""
+    n = w.shape[-1]
+    g = jax.random.normal(key, (*w.shape[:-2], n, rank), w.dtype)  # q = r, as PEFT asks
+    q, _ = jnp.linalg.qr(jnp.matmul(w, g))
+    wt = jnp.swapaxes(w, -1, -2)
+    for _ in range(niter):
+        z, _ = jnp.linalg.qr(jnp.matmul(wt, q))
+        q, _ = jnp.linalg.qr(jnp.matmul(w, z))
+    small = jnp.matmul(jnp.swapaxes(q, -1, -2), w)  # (r, n)
+    u_small, sv, vt = jnp.linalg.svd(small, full_matrices=False)
+    u = jnp.matmul(q, u_small)
+    return u[..., :rank], sv[..., :rank], vt[..., :rank, :]
 
 
 def _init_a(kind: str, key: Array, layout: Layout, rank: int, dtype: Any) -> Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from jlora._regex import compile_trusted, compile_untrusted
 from jlora._types import Params, Path, Selector, is_int, is_real
 from jlora._weights import is_weight_node
 
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora")
 
 
 def _as_selector(value: Any, field: str) -> Any:
@@ -57,8 +58,13 @@ class LoraSpec:
         only leaves ``fn`` uses as a matmul, convolution or lookup weight.
       exclude: leaves never targeted, in any of the forms of ``targets``.
       dropout: LoRA dropout rate on the low-rank path's input (needs ``lora_key``).
-      init: ``"kaiming"`` (kaiming-uniform A, zero B, as PEFT's default) or
-        ``"gaussian"`` (A ~ N(0, (1/r)^2), zero B, as PEFT's ``"gaussian"``).
+      init: ``"kaiming"`` (kaiming-uniform A, zero B, as PEFT's default),
+        ``"gaussian"`` (A ~ N(0, (1/r)^2), zero B, as PEFT's ``"gaussian"``),
+        ``"orthogonal"`` (random A and B with ``A·B = 0``, even ranks, PEFT's),
+        ``"pissa"`` / ``"pissa_niter_K"`` (``s·A·B`` = the weight's top-r singular
+        part, by exact or K-iteration randomized SVD) or ``"olora"`` (from a QR of the
+        weight). PiSSA and OLoRA change the base: train against the residual
+        ``jlora.unmerge(params, adapters)``.
       rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
       rank_pattern: ``{regex: rank}`` overriding ``rank`` per path (PEFT semantics:
         the regex matches the end of the module path at a ``/`` boundary).
@@ -136,8 +142,18 @@ class LoraSpec:
         if self.experts and self.dora:
             raise ValueError("LoraSpec: dora=True and experts > 0 do not combine (a mixture "
                              "of DoRA experts is not defined); choose one")
-        if self.init not in _INITS:
-            raise ValueError(f"LoraSpec.init must be one of {_INITS}; found {self.init!r}")
+        if not isinstance(self.init, str) or (
+            self.init not in _INITS and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init) is None
+        ):
+            raise ValueError(
+                f"LoraSpec.init must be one of {_INITS} or 'pissa_niter_K' (K ≥ 1 power "
+                f"iterations); found {self.init!r}"
+            )
+        if self.experts and self.init not in ("kaiming", "gaussian"):
+            raise ValueError(
+                f"LoraSpec: init={self.init!r} does not apply to a mixture of experts "
+                "(experts > 0): use 'kaiming' or 'gaussian'"
+            )
         for field in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field)
             if pattern is not None:
