@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jlora
+import jlora.peft
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -140,3 +141,40 @@ def test_init_refusals():
     with pytest.raises(ValueError, match="ShapeDtypeStruct"):
         jlora.init(jlora.LoraSpec(rank=2, targets=["proj"], init="olora"), abstract,
                    jax.random.key(0))  # fmt: skip
+
+
+def test_a_trained_pissa_adapter_serves_on_the_original_base_in_peft(tmp_path):
+    """PEFT's ``path_initial_model_for_weight_conversion``: ``ΔW = s·A·B − s·A₀·B₀`` is a
+    plain LoRA of rank 2r, ``jlora.combine([trained, initial], [1, -1], method="cat")``,
+    which PEFT loads on the original weights and runs to jlora's output."""
+    weight = _weight(5)
+    params = {"proj": {"kernel": jnp.asarray(weight.T)}}
+    spec = jlora.LoraSpec(rank=RANK, alpha=ALPHA, targets=["proj"], init="pissa")
+    initial = jlora.init(spec, params, jax.random.key(0))
+    residual = jlora.unmerge(params, initial)
+    rng = np.random.default_rng(6)
+    trained = jax.tree_util.tree_map(  # a stand-in for training: move both factors
+        lambda x: x + jnp.asarray(0.1 * rng.normal(size=x.shape).astype(np.float32)), initial
+    )
+    converted = jlora.combine([trained, initial], [1.0, -1.0], method="cat")
+    node = converted["proj"]["kernel"]
+    assert node.rank == 2 * RANK
+
+    def fn(p, x):
+        return x @ p["proj"]["kernel"]
+
+    x = rng.normal(size=(3, IN)).astype(np.float32)
+    want = np.asarray(jlora.lora(fn)(residual, trained, jnp.asarray(x)))  # as trained
+    np.testing.assert_allclose(jlora.lora(fn)(params, converted, jnp.asarray(x)), want,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    out_spec = jlora.LoraSpec(rank=node.rank, alpha=node.scale * node.rank, targets=["proj"])
+    jlora.peft.save(tmp_path / "lora", converted, out_spec, key_map="flax")
+
+    module = torch.nn.Sequential()
+    module.add_module("proj", torch.nn.Linear(IN, OUT, bias=False))
+    with torch.no_grad():
+        module.proj.weight.copy_(torch.tensor(weight))  # the original base, not the residual
+    served = peft.PeftModel.from_pretrained(module, str(tmp_path / "lora"))
+    with torch.no_grad():
+        got = served(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ import safetensors.numpy
 
 import jlora
 import jlora.peft
+from tests.marks import slow_where
 
 EXPERTS, TOP_K = 4, 2
 
@@ -92,7 +93,9 @@ def _noisy(adapters, seed):
     )
 
 
-@pytest.mark.parametrize("mode", ["ragged", "einsum"])
+@pytest.mark.parametrize(
+    "mode", slow_where([("ragged",), ("einsum",)], ids=str, slow=lambda m: m == "einsum")
+)
 def test_expert_adapters_match_the_merged_weights(mode):
     model = MoeDecoder(mode)
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 32)
@@ -130,8 +133,11 @@ def test_expert_adapters_match_the_merged_weights(mode):
     assert float(jnp.abs(grads).max()) > 0
 
 
-def test_ragged_dot_rule_on_its_own_in_float64():
-    """Groups of every size, an empty one and rows past the last group; LoRA and DoRA."""
+@pytest.mark.parametrize(
+    "dora", slow_where([(False,), (True,)], ids=lambda d: "dora" if d else "lora", slow=bool)
+)
+def test_ragged_dot_rule_on_its_own_in_float64(dora):
+    """Groups of every size, an empty one and rows past the last group."""
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         params = {"experts": {"wi": jnp.asarray(rng.normal(size=(4, 6, 5))),
@@ -143,25 +149,24 @@ def test_ragged_dot_rule_on_its_own_in_float64():
             h = jax.nn.gelu(jax.lax.ragged_dot(x, p["experts"]["wi"], sizes))
             return jax.lax.ragged_dot(h, p["experts"]["wo"], sizes)
 
-        for dora in (False, True):
-            spec = jlora.LoraSpec(rank=2, targets=["experts"], dora=dora)
-            adapters = jlora.init(spec, params, jax.random.key(0), fn=fn, args=(x, sizes))
-            adapters = jax.tree_util.tree_map(
-                lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape)), adapters
-            )
-            out = jlora.lora(fn)(params, adapters, x, sizes)
-            np.testing.assert_allclose(out, fn(jlora.merge(params, adapters), x, sizes),
-                                       rtol=1e-12, atol=1e-12)  # fmt: skip
-            got = jax.grad(lambda a: jnp.sum(jnp.sin(jlora.lora(fn)(params, a, x, sizes))))(
-                adapters
-            )
-            ref = jax.grad(lambda a: jnp.sum(jnp.sin(fn(jlora.merge(params, a), x, sizes))))(
-                adapters
-            )
-            for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
-                np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
-            explained = jlora.explain(fn, params, adapters, x, sizes)
-            assert all(u == (1, 0) for u in explained.values()), explained
+        spec = jlora.LoraSpec(rank=2, targets=["experts"], dora=dora)
+        adapters = jlora.init(spec, params, jax.random.key(0), fn=fn, args=(x, sizes))
+        adapters = jax.tree_util.tree_map(
+            lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape)), adapters
+        )
+        out = jlora.lora(fn)(params, adapters, x, sizes)
+        np.testing.assert_allclose(out, fn(jlora.merge(params, adapters), x, sizes),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        got = jax.grad(lambda a: jnp.sum(jnp.sin(jlora.lora(fn)(params, a, x, sizes))))(
+            adapters
+        )
+        ref = jax.grad(lambda a: jnp.sum(jnp.sin(fn(jlora.merge(params, a), x, sizes))))(
+            adapters
+        )
+        for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+        explained = jlora.explain(fn, params, adapters, x, sizes)
+        assert all(u == (1, 0) for u in explained.values()), explained
 
 
 def test_scanned_expert_weights_write_one_target_parameter_per_layer(tmp_path):

@@ -1,0 +1,128 @@
+"""A mixture of LoRA experts against one LoRA of the same total rank (jlora, reference decoder).
+
+Variants, on the reference decoder (``benchmarks/models.py``), forward pass and train
+step: one LoRA of rank ``E·r`` (``lora``), and mixtures of ``E`` experts of rank ``r``
+routed by the softmax (``mix-soft``) and by top-2 (``mix-top2``), trained with the
+balance loss from ``jlora.lora(fn, aux=True)``. A mixture's use is one matmul against
+``A`` as ``(in, E·r)`` and one against ``B`` as ``(E·r, out)``, plus the router, so it
+should cost about what the single LoRA costs.
+
+Variants are timed in interleaved rounds in one process; ratios are medians of the
+per-round ratios. XLA's FLOPs (``cost_analysis``) and temporary bytes
+(``memory_analysis``) are printed beside the times.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        python benchmarks/mixture.py            # reference sizes
+    python benchmarks/mixture.py --quick        # tiny, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common
+from benchmarks.models import GPT, QUICK, REFERENCE, TARGETS, batch_of_tokens
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model (CI)")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=2, help="rank of each expert")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 10, quick 3)")
+    parser.add_argument("--json", default="runs/benchmarks/mixture.json")
+    return parser.parse_args(argv)
+
+
+def steps_for(config, args):
+    import jax
+    import optax
+
+    import jlora
+    from benchmarks.models import next_token_loss
+
+    model = GPT(config, scan=True)
+    tokens = batch_of_tokens(config, jax.random.key(0))
+    inputs = tokens[:, :-1]
+    params = model.init(jax.random.key(1), inputs)
+    total = args.experts * args.rank
+    specs = {
+        "lora": jlora.LoraSpec(rank=total, alpha=2.0 * total, targets=list(TARGETS)),
+        "mix-soft": jlora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank,
+                                   targets=list(TARGETS), experts=args.experts),
+        "mix-top2": jlora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank,
+                                   targets=list(TARGETS), experts=args.experts, top_k=2),
+    }  # fmt: skip
+    apply = jlora.lora(model.apply, aux=True)
+    steps, stats = {}, {}
+    for name, spec in specs.items():
+        tree = jlora.init(spec, params, jax.random.key(2), fn=model.apply, args=(inputs,))
+        tree = jax.tree_util.tree_map(lambda x: x + 0.01, tree)  # non-zero B
+        forward = jax.jit(lambda a, x: apply(params, a, x)[0])
+        tx = jlora.optimizer(optax.adam(1e-3), tree)
+
+        def loss(a, tokens):
+            logits, aux = apply(params, a, tokens[:, :-1])
+            return next_token_loss(logits, tokens) + 0.01 * aux["balance_loss"]
+
+        @jax.jit
+        def train(a, state, tokens, tx=tx, loss=loss):
+            value, grads = jax.value_and_grad(loss)(a, tokens)
+            updates, state = tx.update(grads, state, a)
+            return optax.apply_updates(a, updates), state, value
+
+        state = tx.init(tree)
+        with jax.numpy_dtype_promotion("standard"):
+            f_compiled = forward.lower(tree, inputs).compile()
+            t_compiled = train.lower(tree, state, tokens).compile()
+        stats[f"{name}/forward"] = common.xla_stats(f_compiled)
+        stats[f"{name}/train"] = common.xla_stats(t_compiled)
+        stats[f"{name}/params"] = sum(x.size for x in jax.tree_util.tree_leaves(tree))
+        steps[f"{name} forward"] = lambda c=f_compiled, t=tree: c(t, inputs)
+        steps[f"{name} train"] = lambda c=t_compiled, t=tree, s=state: c(t, s, tokens)
+    return steps, stats, list(specs)
+
+
+def main(argv=None) -> None:
+    common.ensure_malloc_env()
+    args = parse_args(argv)
+    config = QUICK if args.quick else REFERENCE
+    config = dataclasses.replace(config)
+    repeats = args.repeats or (3 if args.quick else 10)
+    steps, stats, names = steps_for(config, args)
+    times, _ = common.interleaved(steps, repeats=repeats)
+    rows = []
+    for name in names:
+        for kind in ("forward", "train"):
+            key = f"{name} {kind}"
+            rows.append({
+                "variant": key,
+                "ms": sorted(times[key])[len(times[key]) // 2],
+                "ratio": common.median_ratio(times, key, f"lora {kind}"),
+                "flops": stats[f"{name}/{kind}"]["flops"],
+                "temp": stats[f"{name}/{kind}"]["temp_bytes"],
+                "params": stats[f"{name}/params"],
+            })  # fmt: skip
+    print(f"\nbatch {config.batch}, seq {config.seq}, d_model {config.d_model}, layers "
+          f"{config.layers}; LoRA rank {args.experts * args.rank} against {args.experts} "
+          f"experts of rank {args.rank}; {repeats} rounds")  # fmt: skip
+    columns = [
+        ("variant", "variant", ""),
+        ("ms", "median ms", "ms"),
+        ("ratio", "/ lora (median of rounds)", "x"),
+        ("flops", "XLA GFLOPs", "G"),
+        ("temp", "XLA temp MB", "MB"),
+        ("params", "adapter params", ""),
+    ]
+    print(common.table(rows, columns))
+    common.write_json(args.json, {"environment": common.environment(), "rows": rows,
+                                  "times": times})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
