@@ -1,11 +1,16 @@
 """A mixture of LoRA experts against one LoRA of the same total rank (jlora, reference decoder).
 
 Variants, on the reference decoder (``benchmarks/models.py``), forward pass and train
-step: one LoRA of rank ``E·r`` (``lora``), and mixtures of ``E`` experts of rank ``r``
-routed by the softmax (``mix-soft``) and by top-2 (``mix-top2``), trained with the
-balance loss from ``jlora.lora(fn, aux=True)``. A mixture's use is one matmul against
-``A`` as ``(in, E·r)`` and one against ``B`` as ``(E·r, out)``, plus the router, so it
-should cost about what the single LoRA costs.
+step:
+
+* ``lora``: one LoRA of rank ``E·r``;
+* ``lora-autodiff``: the same without the fast low-rank backward (a custom VJP that
+  plain projections get on CPU, and mixtures do not);
+* ``mix-soft`` and ``mix-top2``: ``E`` experts of rank ``r`` routed by the softmax and
+  by top-2, trained with the balance loss from ``jlora.lora(fn, aux=True)``.
+
+A mixture's use is one matmul against ``A`` as ``(in, E·r)`` and one against ``B`` as
+``(E·r, out)``, plus the router, so its FLOPs are about the single LoRA's.
 
 Variants are timed in interleaved rounds in one process; ratios are medians of the
 per-round ratios. XLA's FLOPs (``cost_analysis``) and temporary bytes
@@ -58,15 +63,19 @@ def steps_for(config, args):
         "mix-top2": jlora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank,
                                    targets=list(TARGETS), experts=args.experts, top_k=2),
     }  # fmt: skip
-    apply = jlora.lora(model.apply, aux=True)
+    # "lora-autodiff": the single LoRA without the fast low-rank backward (a custom VJP
+    # that plain projections get on CPU, see jlora.lora), which mixtures do not use.
+    specs["lora-autodiff"] = specs["lora"]
     steps, stats = {}, {}
     for name, spec in specs.items():
+        fast = False if name == "lora-autodiff" else None
+        apply = jlora.lora(model.apply, aux=True, fast_backward=fast)
         tree = jlora.init(spec, params, jax.random.key(2), fn=model.apply, args=(inputs,))
         tree = jax.tree_util.tree_map(lambda x: x + 0.01, tree)  # non-zero B
-        forward = jax.jit(lambda a, x: apply(params, a, x)[0])
+        forward = jax.jit(lambda a, x, apply=apply: apply(params, a, x)[0])
         tx = jlora.optimizer(optax.adam(1e-3), tree)
 
-        def loss(a, tokens):
+        def loss(a, tokens, apply=apply):
             logits, aux = apply(params, a, tokens[:, :-1])
             return next_token_loss(logits, tokens) + 0.01 * aux["balance_loss"]
 
