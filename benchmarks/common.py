@@ -131,6 +131,33 @@ def xla_stats(compiled: Any) -> dict[str, float]:
     return stats
 
 
+def forward_and_train(forward: Callable, loss: Callable, tx: Any, tree: Any, inputs: Any,
+                      tokens: Any) -> tuple[dict[str, Callable[[], Any]], dict[str, dict]]:
+    """Compiled ``forward(tree, inputs)`` and an optax train step on ``loss(tree, tokens)``.
+
+    Returns ``({"forward": run, "train": run}, {"forward": xla_stats, "train": ...})``:
+    each ``run()`` calls its executable on the fixed arguments, for :func:`interleaved`.
+    """
+    import jax
+    import optax
+
+    @jax.jit
+    def train(a, state, tokens):
+        value, grads = jax.value_and_grad(loss)(a, tokens)
+        updates, state = tx.update(grads, state, a)
+        return optax.apply_updates(a, updates), state, value
+
+    state = tx.init(tree)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam: float ** int32 count
+        f_compiled = jax.jit(forward).lower(tree, inputs).compile()
+        t_compiled = train.lower(tree, state, tokens).compile()
+    runs = {
+        "forward": lambda: f_compiled(tree, inputs),
+        "train": lambda: t_compiled(tree, state, tokens),
+    }
+    return runs, {"forward": xla_stats(f_compiled), "train": xla_stats(t_compiled)}
+
+
 def _proc_status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as status:

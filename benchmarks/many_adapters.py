@@ -70,26 +70,18 @@ def jlora_steps(config, args):
     steps, stats = {}, {}
     for name, tree in trees.items():
         kw = {} if ids[name] is None else {"lora_ids": ids[name]}
-        forward = jax.jit(lambda a, x, kw=kw: apply(params, a, x, **kw))
         tx = jlora.optimizer(optax.adam(1e-3), tree)
+
+        def forward(a, x, kw=kw):
+            return apply(params, a, x, **kw)
 
         def loss(a, tokens, kw=kw):
             return next_token_loss(apply(params, a, tokens[:, :-1], **kw), tokens)
 
-        @jax.jit
-        def train(a, state, tokens, tx=tx, loss=loss):
-            value, grads = jax.value_and_grad(loss)(a, tokens)
-            updates, state = tx.update(grads, state, a)
-            return optax.apply_updates(a, updates), state, value
-
-        state = tx.init(tree)
-        with jax.numpy_dtype_promotion("standard"):
-            f_compiled = forward.lower(tree, inputs).compile()
-            t_compiled = train.lower(tree, state, tokens).compile()
-        stats[f"{name}/forward"] = common.xla_stats(f_compiled)
-        stats[f"{name}/train"] = common.xla_stats(t_compiled)
-        steps[f"jlora {name} forward"] = lambda c=f_compiled, t=tree: c(t, inputs)
-        steps[f"jlora {name} train"] = lambda c=t_compiled, t=tree, s=state: c(t, s, tokens)
+        runs, xla = common.forward_and_train(forward, loss, tx, tree, inputs, tokens)
+        for kind in ("forward", "train"):
+            stats[f"{name}/{kind}"] = xla[kind]
+            steps[f"jlora {name} {kind}"] = runs[kind]
     return steps, stats
 
 

@@ -72,28 +72,20 @@ def steps_for(config, args):
         apply = jlora.lora(model.apply, aux=True, fast_backward=fast)
         tree = jlora.init(spec, params, jax.random.key(2), fn=model.apply, args=(inputs,))
         tree = jax.tree_util.tree_map(lambda x: x + 0.01, tree)  # non-zero B
-        forward = jax.jit(lambda a, x, apply=apply: apply(params, a, x)[0])
         tx = jlora.optimizer(optax.adam(1e-3), tree)
+
+        def forward(a, x, apply=apply):
+            return apply(params, a, x)[0]
 
         def loss(a, tokens, apply=apply):
             logits, aux = apply(params, a, tokens[:, :-1])
             return next_token_loss(logits, tokens) + 0.01 * aux["balance_loss"]
 
-        @jax.jit
-        def train(a, state, tokens, tx=tx, loss=loss):
-            value, grads = jax.value_and_grad(loss)(a, tokens)
-            updates, state = tx.update(grads, state, a)
-            return optax.apply_updates(a, updates), state, value
-
-        state = tx.init(tree)
-        with jax.numpy_dtype_promotion("standard"):
-            f_compiled = forward.lower(tree, inputs).compile()
-            t_compiled = train.lower(tree, state, tokens).compile()
-        stats[f"{name}/forward"] = common.xla_stats(f_compiled)
-        stats[f"{name}/train"] = common.xla_stats(t_compiled)
+        runs, xla = common.forward_and_train(forward, loss, tx, tree, inputs, tokens)
         stats[f"{name}/params"] = sum(x.size for x in jax.tree_util.tree_leaves(tree))
-        steps[f"{name} forward"] = lambda c=f_compiled, t=tree: c(t, inputs)
-        steps[f"{name} train"] = lambda c=t_compiled, t=tree, s=state: c(t, s, tokens)
+        for kind in ("forward", "train"):
+            stats[f"{name}/{kind}"] = xla[kind]
+            steps[f"{name} {kind}"] = runs[kind]
     return steps, stats, list(specs)
 
 
