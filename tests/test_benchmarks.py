@@ -29,6 +29,7 @@ def run_quick(module: str, json_path: pathlib.Path) -> dict:
     return json.loads(json_path.read_text())
 
 
+@pytest.mark.slow
 def test_train_step_quick(tmp_path):
     result = run_quick("benchmarks.train_step", tmp_path / "train_step.json")
     variants = result["variants"]

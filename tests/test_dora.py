@@ -191,7 +191,9 @@ def _transposed_and_einsum():
     return fn, params, adapters, (x,)
 
 
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "use_jit", slow_where([(False,), (True,)], ids=mode, slow=lambda use_jit: not use_jit)
+)
 def test_dora_on_transposed_storage_and_einsum(use_jit):
     fn, params, adapters, args = _transposed_and_einsum()
     node = adapters["proj"]["weight"]

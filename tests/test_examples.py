@@ -102,6 +102,7 @@ def test_sql_grammar_is_seeded_and_well_formed():
             assert set(pick.group(1).replace(" ", "").split(",")) <= allowed
 
 
+@pytest.mark.slow
 def test_mixture(tmp_path):
     out = run_example("mixture.py", "--out", str(tmp_path))
     assert "OK: the fresh mixture gives the base output exactly" in out

@@ -191,7 +191,7 @@ def _lora_of(mixture, experts: list[int], weights: list[float]):
 
 
 @pytest.mark.parametrize(
-    "top_k", slow_where([(0,), (1,)], ids=lambda k: f"top{k}", slow=lambda k: k == 1)
+    "top_k", slow_where([(0,), (1,)], ids=lambda k: f"top{k}", slow=lambda k: True)
 )
 def test_decoder_with_fixed_routing_equals_merged_lora(decoder, top_k):
     fn, params, tokens = decoder
@@ -288,7 +288,7 @@ def test_mixture_refusals(decoder, tmp_path):
 
 def test_a_shared_router_is_one_array_whose_gradient_sums_its_uses(decoder, tmp_path):
     fn, params, tokens = decoder
-    targets = ["query", "key", "value", "up"]  # all read inputs of width d_model
+    targets = ["key", "value"]  # both read inputs of width d_model
     spec = jlora.LoraSpec(rank=2, targets=targets, experts=3, top_k=2, share_router=True)
     shared = _noisy(jlora.init(spec, params, jax.random.key(4), fn=fn, args=(tokens,)), 7)
     layer = shared["params"]["layers"]
