@@ -26,7 +26,6 @@ import safetensors.numpy
 
 import jlora
 import jlora.peft
-from tests.marks import slow_where
 
 EXPERTS, TOP_K = 4, 2
 
@@ -93,9 +92,8 @@ def _noisy(adapters, seed):
     )
 
 
-@pytest.mark.parametrize(
-    "mode", slow_where([("ragged",), ("einsum",)], ids=str, slow=lambda m: True)
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ragged", "einsum"])
 def test_expert_adapters_match_the_merged_weights(mode):
     model = MoeDecoder(mode)
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 32)
@@ -133,11 +131,8 @@ def test_expert_adapters_match_the_merged_weights(mode):
     assert float(jnp.abs(grads).max()) > 0
 
 
-@pytest.mark.parametrize(
-    # the default run reaches this rule through tests/test_moe_interop.py
-    "dora", slow_where([(False,), (True,)], ids=lambda d: "dora" if d else "lora",
-                       slow=lambda d: True),
-)
+@pytest.mark.slow  # the default run reaches this rule through tests/test_moe_interop.py
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_ragged_dot_rule_on_its_own_in_float64(dora):
     """Groups of every size, an empty one and rows past the last group."""
     rng = np.random.default_rng(0)
