@@ -139,12 +139,6 @@ class MixtureAdapter(LoraAdapter):
             "input through the router, so it cannot be merged into the base weight"
         )
 
-    def merge_into(self, weight: Array) -> Array:
-        return self.delta()
-
-    def unmerge_from(self, merged: Array) -> Array:
-        return self.delta()
-
 
 @dataclasses.dataclass
 class SharedRouterMixture(MixtureAdapter):

@@ -98,12 +98,6 @@ class StackedAdapter(LoraAdapter):
             "slot (jlora.unstack(stacked)[k]), not of the stack"
         )
 
-    def merge_into(self, weight: Array) -> Array:
-        return self.delta()
-
-    def unmerge_from(self, merged: Array) -> Array:
-        return self.delta()
-
 
 jax.tree_util.register_dataclass(
     StackedAdapter,
