@@ -10,9 +10,11 @@
 from jlora import peft
 from jlora._adapter import DoraAdapter, Layout, LoraAdapter, is_adapter
 from jlora._combine import combine
+from jlora._compress import LowRankWeight, compress
 from jlora._engine import Explanation, Uses
 from jlora._extract import extract, spectrum
 from jlora._init import init
+from jlora._loftq import loftq
 from jlora._lora import explain, lora
 from jlora._merge import delta, merge, unmerge
 from jlora._mixture import MixtureAdapter, SharedRouterMixture
@@ -43,6 +45,7 @@ __all__ = [
     "Layout",
     "LoraAdapter",
     "LoraSpec",
+    "LowRankWeight",
     "MissingFileError",
     "MixtureAdapter",
     "Params",
@@ -53,6 +56,7 @@ __all__ = [
     "Uses",
     "WriteRefusedError",
     "combine",
+    "compress",
     "delta",
     "dequantize",
     "explain",
@@ -62,6 +66,7 @@ __all__ = [
     "is_adapter",
     "labels",
     "load",
+    "loftq",
     "lora",
     "merge",
     "optimizer",

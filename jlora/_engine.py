@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from jlora._adapter import Layout, LoraAdapter
+from jlora._compress import LowRankWeight
 from jlora._lowrank import lowrank
 from jlora._paths import path_str
 from jlora._primitives import (
@@ -119,7 +120,9 @@ def _relayout(adapter: LoraAdapter, layout: Layout, per_field: Callable) -> Lora
 
 def grouped_target(weight: Any, adapter: LoraAdapter | None, path: Path) -> Target:
     """A params leaf and its adapter node (storage form) as an interpreter value."""
-    if not isinstance(weight, WeightNode):
+    if isinstance(weight, LowRankWeight):
+        weight = weight.engine_form()
+    elif not isinstance(weight, WeightNode):
         weight = DenseWeight(weight)
     if adapter is not None:
         adapter = adapter.with_arrays(**adapter.grouped())
@@ -851,6 +854,20 @@ def _contraction(decode: Callable) -> Callable:
     def rule(eqn, invals, ctx):
         position = next(k for k, v in enumerate(invals) if isinstance(v, Target))
         target = invals[position]
+        pair = target.weight.pair() if isinstance(target.weight, LowRankWeight) else None
+        if pair is not None and target.adapter is None:
+            # A compressed weight alone: its pair is the whole product, decoded like an
+            # adapter's term (the use's axes come from the pair's layout).
+            invals = [*invals[:position], Target(target.weight, pair, target.path),
+                      *invals[position + 1 :]]  # fmt: skip
+            use = decode(eqn, invals, ctx)
+            if use is None:
+                return None
+            base = pair.term(use, use.x, None, target.weight)
+            if base is None:
+                return None
+            ctx.count(target.path, factored=True, form=f"{_form(use, pair)}, low-rank base")
+            return [base.astype(eqn.outvars[0].aval.dtype)]
         if target.adapter is None:  # a quantized base without an adapter: decode per use
 
             def contract(w, *rest):
@@ -868,7 +885,14 @@ def _contraction(decode: Callable) -> Callable:
         if x_scale is not None:  # the adapter rescales the activation (DoRA, tied head)
             use = use.with_x(use.x * x_scale.astype(use.x.dtype))
         x_low = use.x if isinstance(use, GatherUse) else _dropout(use.x, target.adapter, ctx)
-        base = use.product(target.weight)
+        if pair is not None:  # a compressed weight's product, factored as its pair's term
+            pair = dataclasses.replace(pair, layout=target.adapter.layout)
+            base = pair.term(use, use.x, None, target.weight)
+            if base is None:
+                return None
+            base = base.astype(eqn.outvars[0].aval.dtype)
+        else:
+            base = use.product(target.weight)
         out = target.adapter.output(use, x_low, base, target.weight)
         if out is None:
             return None
@@ -891,11 +915,17 @@ def _layout_rule(adapter_rule: Callable) -> Callable:
         if not isinstance(target, Target) or any(isinstance(v, Target) for v in rest):
             return None
         adapter = target.adapter
+        new_shape = tuple(eqn.outvars[0].aval.shape)
         if adapter is not None:
-            adapter = adapter_rule(eqn, target, tuple(eqn.outvars[0].aval.shape), rest)
+            adapter = adapter_rule(eqn, target, new_shape, rest)
             if adapter is None:
                 return None
-        weight = target.weight.apply(eqn, rest)
+        weight = target.weight
+        if isinstance(weight, LowRankWeight):  # its pair follows the adapter rules
+            pair = adapter_rule(eqn, Target(weight, weight.pair(), target.path), new_shape, rest)
+            weight = None if pair is None else weight.with_pair(pair, eqn.outvars[0].aval.dtype)
+        else:
+            weight = weight.apply(eqn, rest)
         if weight is None:
             return None
         return [Target(weight, adapter, target.path)]

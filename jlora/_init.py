@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jlora._adapter import DoraAdapter, Layout, LoraAdapter, wide_float
 from jlora._layout import discover
+from jlora._loftq import loftq_factors, loftq_iterations
 from jlora._paths import describe, leaves_with_paths, shape_of
 from jlora._spec import LoraSpec, callable_selector
 from jlora._tree import build_like
@@ -62,6 +63,22 @@ def init(
       >>> adapters["dense"]["kernel"].lora_a.shape, adapters["dense"]["kernel"].lora_b.shape
       ((6, 2), (2, 4))
     """
+    return _init(spec, params, key, fn=fn, args=args, kwargs=kwargs, dtype=dtype)[0]
+
+
+def _init(
+    spec: LoraSpec,
+    params: Params,
+    key: Array,
+    *,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    dtype: Any = None,
+    quantization: tuple[int, bool] = (64, True),
+) -> tuple[Adapters, dict[Path, Any]]:
+    """:func:`init`, and the NF4 bases a LoftQ init made (``{path: QuantizedWeight}``),
+    encoded with ``quantization = (block_size, double_quant)``."""
     targets = spec.select(params)
     layouts = _layouts(targets, params, fn, args, kwargs, spec.targets)
     if fn is not None and not callable_selector(spec.targets):
@@ -83,6 +100,7 @@ def init(
             )
     keys = jax.random.split(key, len(targets))
     nodes: dict[Path, Any] = {}
+    bases: dict[Path, Any] = {}
     for (path, leaf), leaf_key in zip(targets, keys):
         layout = layouts[path]
         rank = spec.rank_for(path)
@@ -98,8 +116,12 @@ def init(
             nodes[path] = _mixture(spec, path, leaf_key, layout, rank, factor_dtype)
             continue
         scale = spec.scale_for(path)
-        lora_a, lora_b = _init_factors(spec.init, leaf_key, leaf, path, layout, rank, scale,
-                                       factor_dtype)  # fmt: skip
+        if loftq_iterations(spec.init) is not None:
+            bases[path], lora_a, lora_b = _loftq(spec.init, leaf, path, layout, rank, scale,
+                                                 factor_dtype, quantization)  # fmt: skip
+        else:
+            lora_a, lora_b = _init_factors(spec.init, leaf_key, leaf, path, layout, rank, scale,
+                                           factor_dtype)  # fmt: skip
         node = LoraAdapter(
             lora_a=lora_a,
             lora_b=lora_b,
@@ -108,14 +130,17 @@ def init(
             dropout=float(spec.dropout),
         )
         if spec.dora:
-            node = DoraAdapter(**vars(node), magnitude=_column_norms(leaf, layout, factor_dtype))
+            # The magnitude starts at the column norms of the weight the adapter starts
+            # from: W itself, or LoftQ's NF4 base plus its update.
+            start = node.merge_into(bases[path].dense()) if path in bases else leaf
+            node = DoraAdapter(**vars(node), magnitude=_column_norms(start, layout, factor_dtype))
         nodes[path] = node
     if spec.share_router:
         nodes.update(_share_routers({path: nodes[path] for path, _ in targets}))
     for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):
         if path not in nodes and spec.is_trainable(path, leaf):
             nodes[path] = jnp.array(leaf, copy=True)
-    return build_like(params, nodes)
+    return build_like(params, nodes), bases
 
 
 def _layouts(targets, params, fn, args, kwargs, spec_targets) -> dict[Path, Layout]:
@@ -229,6 +254,34 @@ def _factor_dtype(leaf: Any, dtype: Any) -> Any:
     return leaf_dtype if leaf_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def _loftq(kind: str, leaf: Any, path: Path, layout: Layout, rank: int, scale: float,
+           dtype: Any, quantization: tuple[int, bool]) -> tuple[Any, Array, Array]:
+    """LoftQ's NF4 base and ``(A, B)`` with ``s·A·B = L·R``, the rank-``r`` part of the
+    quantization error (see ``jlora._loftq``)."""
+    _need_float_weight(kind, leaf, path)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(f"LoraSpec(init={kind!r}) needs a floating weight at {path!r}; "
+                         f"found {leaf.dtype}")  # fmt: skip
+    block_size, double_quant = quantization
+    node, low_in, low_out = loftq_factors(
+        jnp.asarray(leaf), layout, rank, loftq_iterations(kind), block_size, double_quant
+    )
+    root = jnp.sqrt(jnp.asarray(scale, jnp.float32))
+    node = dataclasses.replace(node, dtype=jnp.dtype(leaf.dtype))
+    return node, (low_in / root).astype(dtype), (low_out / root).astype(dtype)
+
+
+def _need_float_weight(kind: str, leaf: Any, path: Path) -> None:
+    if isinstance(leaf, jax.ShapeDtypeStruct) or is_weight_node(leaf):
+        what = "an abstract jax.ShapeDtypeStruct" if isinstance(leaf, jax.ShapeDtypeStruct) else (
+            f"a quantized {leaf.KIND} weight"
+        )
+        raise ValueError(
+            f"LoraSpec(init={kind!r}) starts the adapter from the weight at {path!r}, which "
+            f"is {what}; pass the float weights (dequantize a quantized base first)"
+        )
+
+
 def _init_factors(
     kind: str, key: Array, leaf: Any, path: Path, layout: Layout, rank: int, scale: float,
     dtype: Any,
@@ -256,14 +309,7 @@ def _init_factors(
         b = jnp.matmul(even.T, g_b) / 10.0
         return a.astype(dtype), b.astype(dtype)
     # The spectral inits read the weight itself.
-    if isinstance(leaf, jax.ShapeDtypeStruct) or is_weight_node(leaf):
-        what = "an abstract jax.ShapeDtypeStruct" if isinstance(leaf, jax.ShapeDtypeStruct) else (
-            f"a quantized {leaf.KIND} weight"
-        )
-        raise ValueError(
-            f"LoraSpec(init={kind!r}) starts the adapter from the weight at {path!r}, which "
-            f"is {what}; pass the float weights (dequantize a quantized base first)"
-        )
+    _need_float_weight(kind, leaf, path)
     wide = wide_float(leaf.dtype)
     w = layout.to_grouped(jnp.asarray(leaf).astype(wide))  # (*stack, in, out)
     s = jnp.asarray(scale, wide)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jlora._adapter import LoraAdapter
+from jlora._compress import LowRankWeight
 from jlora._paths import path_str
 from jlora._tree import match
 from jlora._types import Adapters, Array, Params
@@ -22,6 +25,8 @@ def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) 
             return weight
         if not isinstance(node, LoraAdapter):  # a trainable copy replaces the base leaf
             return node if sign > 0 else weight
+        if isinstance(weight, LowRankWeight) and type(node) is LoraAdapter:
+            return _merge_low_rank(weight, node, sign)
         if isinstance(weight, WeightNode):
             raise ValueError(
                 f"merge: the weight at {path!r} is a quantized {weight.KIND} node; merging "
@@ -46,6 +51,14 @@ def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) 
         return _keep_sharding(out, weight)
 
     return jax.tree_util.tree_map_with_path(update, params, is_leaf=is_weight_node)
+
+
+def _merge_low_rank(weight: LowRankWeight, node: LoraAdapter, sign: float) -> LowRankWeight:
+    """``U·V ± s·A·B`` kept low-rank: the factors side by side along the rank axis
+    (exact; the rank grows by the adapter's)."""
+    u = jnp.concatenate([weight.u, (sign * node.scale * node.lora_a).astype(weight.u.dtype)], -1)
+    v = jnp.concatenate([weight.v, node.lora_b.astype(weight.v.dtype)], -2)
+    return dataclasses.replace(weight, u=u, v=v)
 
 
 def _keep_sharding(out: Array, weight: Array) -> Array:
@@ -73,7 +86,9 @@ def merge(params: Params, adapters: Adapters, *, check_finite: bool = False) -> 
     ``lora(fn)(p, a)`` agree in values and in gradients.
 
     Each merged leaf keeps its dtype (the sum is formed in float32 or wider) and, for
-    concrete arrays, its sharding. Trainable copies in ``adapters`` replace their
+    concrete arrays, its sharding. A LoRA adapter on a compressed weight
+    (:func:`jlora.compress`) is merged exactly and stays low-rank: the factors are set
+    side by side, so the rank grows by the adapter's. Trainable copies in ``adapters`` replace their
     base leaves.
 
     Args:

@@ -99,9 +99,13 @@ def optimizer(
 
 
 def _count(tree: Any) -> int:
-    """Parameters held by a tree: a quantized weight counts as the weights it stands for."""
+    """Parameters held by a tree: a quantized weight counts as the weights it stands for,
+    a compressed (low-rank) weight as the ``r·(in + out)`` numbers it holds."""
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_weight_node)
-    return sum(math.prod(getattr(x, "shape", ())) for x in leaves)
+    return sum(
+        x.param_count() if hasattr(x, "param_count") else math.prod(getattr(x, "shape", ()))
+        for x in leaves
+    )
 
 
 def summary(params: Params, adapters: Adapters) -> str:

@@ -18,7 +18,7 @@ from jlora._regex import compile_trusted, compile_untrusted
 from jlora._types import Params, Path, Selector, is_int, is_real
 from jlora._weights import is_weight_node
 
-_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora")
+_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq")
 
 
 def _as_selector(value: Any, field: str) -> Any:
@@ -64,7 +64,10 @@ class LoraSpec:
         ``"pissa"`` / ``"pissa_niter_K"`` (``s·A·B`` = the weight's top-r singular
         part, by exact or K-iteration randomized SVD) or ``"olora"`` (from a QR of the
         weight). PiSSA and OLoRA change the base: train against the residual
-        ``jlora.unmerge(params, adapters)``.
+        ``jlora.unmerge(params, adapters)``. ``"loftq"`` / ``"loftq_iter_K"``:
+        ``s·A·B`` = the rank-r part of the weight's NF4 quantization error, after ``K``
+        alternating rounds (LoftQ); :func:`jlora.loftq` returns the NF4 base with the
+        adapters (with one round it is ``jlora.quantize(params, targets)``).
       rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
       rank_pattern: ``{regex: rank}`` overriding ``rank`` per path (PEFT semantics:
         the regex matches the end of the module path at a ``/`` boundary).
@@ -143,11 +146,12 @@ class LoraSpec:
             raise ValueError("LoraSpec: dora=True and experts > 0 do not combine (a mixture "
                              "of DoRA experts is not defined); choose one")
         if not isinstance(self.init, str) or (
-            self.init not in _INITS and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init) is None
+            self.init not in _INITS
+            and re.fullmatch(r"(pissa_niter|loftq_iter)_[1-9]\d*", self.init) is None
         ):
             raise ValueError(
-                f"LoraSpec.init must be one of {_INITS} or 'pissa_niter_K' (K ≥ 1 power "
-                f"iterations); found {self.init!r}"
+                f"LoraSpec.init must be one of {_INITS}, 'pissa_niter_K' (K ≥ 1 power "
+                f"iterations) or 'loftq_iter_K' (K ≥ 1 alternating rounds); found {self.init!r}"
             )
         if self.experts and self.init not in ("kaiming", "gaussian"):
             raise ValueError(
