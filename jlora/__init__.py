@@ -8,7 +8,7 @@
 """
 
 from jlora import peft
-from jlora._adapter import DoraAdapter, Layout, LoraAdapter, is_adapter
+from jlora._adapter import DoraAdapter, Layout, LoraAdapter, LoraBiasAdapter, is_adapter
 from jlora._combine import combine
 from jlora._compress import LowRankWeight, compress
 from jlora._engine import Explanation, Uses
@@ -44,6 +44,7 @@ __all__ = [
     "JloraError",
     "Layout",
     "LoraAdapter",
+    "LoraBiasAdapter",
     "LoraSpec",
     "LowRankWeight",
     "MissingFileError",

@@ -360,6 +360,58 @@ class DoraAdapter(LoraAdapter):
         )
 
 
+@dataclasses.dataclass
+class LoraBiasAdapter(LoraAdapter):
+    """A LoRA adapter whose up-projection has a bias: the layer's output moves by
+    ``s·((x·A)·B + b)``, PEFT's ``lora_bias=True`` (``lora_B`` an ``nn.Linear`` with a
+    bias), meant for adapters extracted from full fine-tunes whose biases changed.
+
+    ``merge`` adds ``s·b`` to the layer's own bias leaf (the ``bias`` beside the weight),
+    and refuses when the layer has none, as PEFT does. The bias applies where the
+    weight is used as ``x·W`` (a dense, einsum or convolution layer); an embedding
+    lookup or a tied head (``x·Wᵀ``) refuses it.
+
+    Attributes:
+      lora_bias: ``b``, ``(*stack, out_features)``; zero at init.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+      >>> spec = jlora.LoraSpec(rank=1, alpha=2.0, targets=["dense"], lora_bias=True)
+      >>> adapters = jlora.init(spec, params, jax.random.key(0))
+      >>> adapters["dense"]["kernel"].lora_bias
+      Array([0., 0.], dtype=float32)
+    """
+
+    lora_bias: Array | None = None
+
+    KIND: ClassVar[str] = "lora_bias"
+    SIGNATURES: ClassVar[dict[str, Signature]] = {
+        "lora_a": ("S", "I", "R"),
+        "lora_b": ("S", "R", "O"),
+        "lora_bias": ("S", "O"),
+    }
+
+    def term(self, use: Any, x: Array, base: Array, weight: Any) -> Array | None:
+        """``s·(x·A)·B + s·b``, with ``b`` on the use's output features."""
+        if getattr(use, "contracted", "I") != "I" or getattr(use, "is_lookup", False):
+            raise ValueError(
+                "a lora_bias adapter adds a bias to the layer's output, so it applies only "
+                "where its weight is used as x·W (dense, einsum or convolution layers), not "
+                "to a lookup or a tied head (x·Wᵀ); PEFT supports lora_bias on Linear and "
+                "Conv layers only. Leave this weight out of the lora_bias targets."
+            )
+        u = use.lowrank(x, self.lora_a, self.lora_b, self.scale)
+        bias = self.lora_bias.astype(u.dtype) * jnp.asarray(self.scale, u.dtype)
+        return u + use.per_output(bias)
+
+    def bias_delta(self) -> Array:
+        """``s·b``, ``(*stack, out_features)``, in float32 or wider: what merge adds to the
+        layer's bias."""
+        dtype = wide_float(self.lora_bias.dtype)
+        return self.lora_bias.astype(dtype) * jnp.asarray(self.scale, dtype)
+
+
 def column_norm(w: Array, a: Array, b: Array, scale: float) -> Array:
     """``stop_gradient(‖W + s·A·B‖)`` per output column, in factored form.
 
@@ -432,7 +484,15 @@ jax.tree_util.register_dataclass(
     meta_fields=["scale", "layout", "dropout"],
 )
 
-KINDS: dict[str, type[LoraAdapter]] = {cls.KIND: cls for cls in (LoraAdapter, DoraAdapter)}
+jax.tree_util.register_dataclass(
+    LoraBiasAdapter,
+    data_fields=["lora_a", "lora_b", "lora_bias"],
+    meta_fields=["scale", "layout", "dropout"],
+)
+
+KINDS: dict[str, type[LoraAdapter]] = {
+    cls.KIND: cls for cls in (LoraAdapter, DoraAdapter, LoraBiasAdapter)
+}
 """Every adapter kind by the name checkpoints store."""
 
 

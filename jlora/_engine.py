@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -661,6 +661,7 @@ class GatherUse:
     layout: Layout
     columns: list[int]
     contracted: str = "I"
+    is_lookup: ClassVar[bool] = True
 
     @classmethod
     def decode(cls, eqn, invals, ctx) -> GatherUse | None:

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._adapter import Layout, LoraAdapter, wide_float
+from jlora._adapter import Layout, LoraAdapter, LoraBiasAdapter, wide_float
 from jlora._combine import _definite_signs
 from jlora._init import _factor_dtype, _layouts
+from jlora._merge import bias_path
 from jlora._paths import describe, leaves_with_paths, shape_of
 from jlora._spec import LoraSpec, _eligible, callable_selector
 from jlora._tree import build_like
@@ -41,6 +42,7 @@ def extract(
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
     alpha: float | None = None,
+    lora_bias: bool = False,
 ) -> Adapters:
     """Adapters that approximate a full fine-tune: a truncated SVD of ``tuned - base``.
 
@@ -104,6 +106,11 @@ def extract(
       alpha: the adapters' LoRA alpha; default ``r`` at each target (``scale = 1``).
         Given, each adapter gets ``scale = alpha / r`` and ``B`` is divided by it, so
         the delta is the same.
+      lora_bias: also carry each target's layer-bias change, ``bias_tuned - bias_base``
+        of the ``bias`` leaf beside the weight, in the adapter: a
+        :class:`jlora.LoraBiasAdapter` (PEFT's ``lora_bias``, meant for exactly this),
+        whose merge adds the change back. A target whose layer has no bias gets a zero
+        one. Those biases then count as carried (no warning, no copy needed).
 
     Returns:
       The adapters tree (``base_params``' structure pruned to a :class:`LoraAdapter`
@@ -130,6 +137,7 @@ def extract(
     base, tuned = _paired_leaves(base_params, tuned_params, "extract")
     chosen, layouts = _choose(base_params, base, tuned, targets, fn, args, kwargs, "extract")
     nodes: dict[Path, Any] = {}
+    carried: set[Path] = set()
     for path in chosen:
         layout = layouts[path]
         lora_a, sigma, lora_b = _balanced_factors(
@@ -144,15 +152,19 @@ def extract(
         nodes[path] = LoraAdapter(
             lora_a=lora_a.astype(dtype), lora_b=lora_b.astype(dtype), scale=scale, layout=layout
         )
+        if lora_bias:
+            nodes[path] = _with_bias(nodes[path], path, base, tuned, dtype)
+            carried.add(bias_path(path))
     if trainable is not None:
         spec = LoraSpec(targets=".*", trainable=trainable)
         for path, leaf in base.items():
-            if path not in nodes and spec.is_trainable(path, leaf):
+            if path not in nodes and path not in carried and spec.is_trainable(path, leaf):
                 nodes[path] = jnp.array(
                     dense_of(tuned[path]), dtype=getattr(leaf, "dtype", None), copy=True
                 )
     if targets is None:
-        lost = [p for p in base if p not in nodes and _changed(base[p], tuned[p])]
+        lost = [p for p in base if p not in nodes and p not in carried
+                and _changed(base[p], tuned[p])]  # fmt: skip
         if lost:
             warnings.warn(
                 f"jlora.extract: {len(lost)} changed leaves get neither an adapter nor a "
@@ -162,6 +174,26 @@ def extract(
                 stacklevel=2,
             )
     return build_like(base_params, nodes)
+
+
+def _with_bias(node: LoraAdapter, path: Path, base, tuned, dtype) -> LoraBiasAdapter:
+    """``node`` carrying the change of its layer's bias as a lora_bias (``b = Δbias / s``)."""
+    layout = node.layout
+    shape = (*layout.stack_shape, layout.out_features)
+    where = bias_path(path)
+    if where in base:
+        change = dense_of(tuned[where]).astype(jnp.float32) - dense_of(base[where]).astype(
+            jnp.float32
+        )
+        if change.size != int(np.prod(shape)):
+            raise ValueError(
+                f"extract(lora_bias=True): the bias {where!r} of {path!r} has shape "
+                f"{list(change.shape)}, but the weight's layer has {list(shape)} outputs"
+            )
+        bias = change.reshape(shape) / node.scale
+    else:
+        bias = jnp.zeros(shape, jnp.float32)
+    return LoraBiasAdapter(**vars(node), lora_bias=bias.astype(dtype))
 
 
 def spectrum(

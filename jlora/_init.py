@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._adapter import DoraAdapter, Layout, LoraAdapter, wide_float
+from jlora._adapter import DoraAdapter, Layout, LoraAdapter, LoraBiasAdapter, wide_float
 from jlora._layout import discover
 from jlora._loftq import loftq_factors, loftq_iterations
 from jlora._paths import describe, leaves_with_paths, shape_of
@@ -129,6 +129,9 @@ def _init(
             layout=layout,
             dropout=float(spec.dropout),
         )
+        if spec.lora_bias:
+            bias = jnp.zeros((*layout.stack_shape, layout.out_features), factor_dtype)
+            node = LoraBiasAdapter(**vars(node), lora_bias=bias)
         if spec.dora:
             # The magnitude starts at the column norms of the weight the adapter starts
             # from: W itself, or LoftQ's NF4 base plus its update.

@@ -6,20 +6,66 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jlora._adapter import LoraAdapter
+from jlora._adapter import LoraAdapter, LoraBiasAdapter, add_delta
 from jlora._compress import LowRankWeight
-from jlora._paths import path_str
+from jlora._paths import leaves_with_paths, path_str
 from jlora._tree import match
 from jlora._types import Adapters, Array, Params
 from jlora._weights import WeightNode, is_weight_node
 
 
+def bias_path(path: str) -> str:
+    """The bias leaf of the layer whose weight is at ``path``: its sibling named ``bias``
+    (``dense/kernel`` -> ``dense/bias``; an NNX ``.../kernel/value`` -> ``.../bias/value``)."""
+    parts = path.split("/")
+    suffix = parts[-1:] if len(parts) > 2 and parts[-1] == "value" else []
+    head = parts[: len(parts) - len(suffix)]
+    return "/".join([*head[:-1], "bias", *suffix])
+
+
+def _bias_updates(nodes: dict, params: Params) -> dict[str, tuple[str, Array]]:
+    """``{bias path: (weight path, s·b)}`` for the lora_bias adapters, checked to have a
+    bias leaf of the right size to go into."""
+    updates = {}
+    leaves = None
+    for path, node in nodes.items():
+        if not isinstance(node, LoraBiasAdapter):
+            continue
+        if leaves is None:
+            leaves = dict(leaves_with_paths(params, is_leaf=is_weight_node))
+        target = bias_path(path)
+        leaf = leaves.get(target)
+        delta = node.bias_delta()
+        if leaf is None:
+            raise ValueError(
+                f"merge: the adapter at {path!r} has a lora_bias, which merges into the "
+                f"layer's bias, but params has no {target!r}: the layer has no bias (PEFT "
+                "refuses this merge too). Run it unmerged with jlora.lora"
+            )
+        if int(np.prod(leaf.shape)) != int(np.prod(delta.shape)):
+            raise ValueError(
+                f"merge: the lora_bias of {path!r} has {list(delta.shape)} values but the "
+                f"layer's bias {target!r} has shape {list(leaf.shape)}"
+            )
+        updates[target] = (path, delta)
+    return updates
+
+
 def _apply(params: Params, adapters: Adapters, sign: float, check_finite: bool) -> Params:
     nodes = match(params, adapters)
+    biases = _bias_updates(nodes, params)
 
     def update(key_path, weight):
         path = path_str(key_path)
+        if path in biases:  # the layer's bias, under a lora_bias adapter
+            node = nodes.get(path)
+            bias = node if isinstance(node, jax.Array) and sign > 0 else weight  # trained copy
+            out = add_delta(bias, sign * biases[path][1].reshape(bias.shape))
+            if check_finite:
+                _check_finite(path, out)
+            return _keep_sharding(out, bias)
         node = nodes.get(path)
         if node is None:
             return weight
@@ -88,7 +134,9 @@ def merge(params: Params, adapters: Adapters, *, check_finite: bool = False) -> 
     Each merged leaf keeps its dtype (the sum is formed in float32 or wider) and, for
     concrete arrays, its sharding. A LoRA adapter on a compressed weight
     (:func:`jlora.compress`) is merged exactly and stays low-rank: the factors are set
-    side by side, so the rank grows by the adapter's. Trainable copies in ``adapters`` replace their
+    side by side, so the rank grows by the adapter's. A :class:`jlora.LoraBiasAdapter`
+    also adds ``s·b`` to the layer's bias leaf (the weight's sibling named ``bias``).
+    Trainable copies in ``adapters`` replace their
     base leaves.
 
     Args:

@@ -89,6 +89,11 @@ class LoraSpec:
         share one router, held by the first of them
         (:class:`jlora.SharedRouterMixture`); each applies it to its own input, so they
         must read inputs of the same width.
+      lora_bias: each adapter also trains a bias on its up-projection, moving the
+        layer's output by ``s·((x·A)·B + b)`` (:class:`jlora.LoraBiasAdapter`, PEFT's
+        ``lora_bias``); ``merge`` adds ``s·b`` to the layer's bias leaf. For dense,
+        einsum and convolution layers (PEFT: Linear and Conv), mostly for adapters
+        extracted from full fine-tunes whose biases changed.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -110,6 +115,7 @@ class LoraSpec:
     experts: int = 0
     top_k: int = 0
     share_router: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self):
         if self.targets is None:
@@ -142,6 +148,13 @@ class LoraSpec:
             raise TypeError(f"LoraSpec.share_router must be a bool; found {self.share_router!r}")
         if self.share_router and not self.experts:
             raise ValueError("LoraSpec.share_router=True needs experts > 0 (a mixture's router)")
+        if not isinstance(self.lora_bias, (bool, np.bool_)):
+            raise TypeError(f"LoraSpec.lora_bias must be a bool; found {self.lora_bias!r}")
+        if self.lora_bias and (self.dora or self.experts):
+            raise ValueError(
+                "LoraSpec: lora_bias=True does not combine with dora=True or experts > 0 "
+                "(PEFT's lora_bias is for plain LoRA layers); choose one"
+            )
         if self.experts and self.dora:
             raise ValueError("LoraSpec: dora=True and experts > 0 do not combine (a mixture "
                              "of DoRA experts is not defined); choose one")

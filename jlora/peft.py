@@ -53,6 +53,7 @@ from jlora._adapter import (
     DoraAdapter,
     Layout,
     LoraAdapter,
+    LoraBiasAdapter,
     lora_scale,
     scale_denominator,
 )
@@ -340,7 +341,7 @@ def save(
     if target == "vllm":
         _check_vllm(items, spec)
     unwritable = [(p, n.KIND) for p, n in items if isinstance(n, LoraAdapter)
-                  and n.KIND not in ("lora", "dora")]  # fmt: skip
+                  and n.KIND not in ("lora", "dora", "lora_bias")]  # fmt: skip
     if unwritable:
         path, kind = unwritable[0]
         raise ValueError(
@@ -364,7 +365,7 @@ def save(
             for module, param, lora_a, lora_b in _expert_params_of(path, node, key_map, spec):
                 by_expert_module.setdefault(module, []).append((param, path, lora_a, lora_b))
             continue
-        for name, a_in_r, b_r_out, magnitude in _modules_of(path, node, key_map):
+        for name, a_in_r, b_r_out, magnitude, bias in _modules_of(path, node, key_map):
             if name in modules:
                 raise ValueError(
                     f"adapters at {modules[name][0]!r} and {path!r} both map to the PyTorch "
@@ -380,6 +381,20 @@ def save(
             tensors[f"{PREFIX}{name}.{b_name}"] = np.ascontiguousarray(b_r_out.T)
             if magnitude is not None:  # DoRA: one value per output feature, as B's rows
                 tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(magnitude)
+            if bias is not None:  # lora_bias: lora_B's own bias, one value per output
+                tensors[f"{PREFIX}{name}.lora_B.bias"] = np.ascontiguousarray(bias)
+    if any(isinstance(node, LoraBiasAdapter) for _, node in modules.values()):
+        # PEFT's lora_bias is one switch: every lora_B has a bias (zero for plain LoRA).
+        for name, (path, _node) in modules.items():
+            if _is_embedding(path):
+                raise ValueError(
+                    f"PEFT's lora_bias is one switch for the whole adapter, and it refuses "
+                    f"embedding layers: {path!r} is an embedding; save it apart"
+                )
+            key = f"{PREFIX}{name}.lora_B.bias"
+            if key not in tensors:
+                b = tensors[f"{PREFIX}{name}.lora_B.weight"]
+                tensors[key] = np.zeros((b.shape[0],), b.dtype)
 
     parameters = _write_expert_params(by_expert_module, modules, tensors, parameter_order)
     config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
@@ -609,7 +624,8 @@ def load_stack(
 
 
 def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
-    """``(module name, A (in, r), B (r, out))`` for each layer of one adapter."""
+    """``(module name, A (in, r), B (r, out), DoRA magnitude | None, lora_bias | None)``
+    for each layer of one adapter."""
     name = key_map(path)
     if name is None:
         raise ValueError(
@@ -640,10 +656,12 @@ def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
     lora_a = np.asarray(node.lora_a)
     lora_b = np.asarray(node.lora_b)
     magnitude = np.asarray(node.magnitude) if isinstance(node, DoraAdapter) else None
+    bias = np.asarray(node.lora_bias) if isinstance(node, LoraBiasAdapter) else None
     stack_shape = layout.stack_shape
     for index in np.ndindex(*stack_shape):
         m = None if magnitude is None else magnitude[index]
-        yield name.format(*index), lora_a[index], lora_b[index], m
+        b = None if bias is None else bias[index]
+        yield name.format(*index), lora_a[index], lora_b[index], m, b
 
 
 def _number(value: float) -> float | int:
@@ -652,6 +670,8 @@ def _number(value: float) -> float | int:
 
 def _config(spec, modules, key_map, base_model_name_or_path, task_type) -> dict[str, Any]:
     kinds = {type(node).KIND for _, node in modules.values()}
+    lora_bias = "lora_bias" in kinds
+    kinds -= {"lora_bias"} if kinds == {"lora", "lora_bias"} else set()  # zero biases
     if len(kinds) > 1:
         raise ValueError(
             "PEFT's use_dora is one switch for the whole adapter; these adapters mix "
@@ -678,9 +698,10 @@ def _config(spec, modules, key_map, base_model_name_or_path, task_type) -> dict[
         "use_rslora": bool(spec.rslora),
         "lora_dropout": float(spec.dropout),
         "fan_in_fan_out": bool(getattr(key_map, "fan_in_fan_out", False)),
-        "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
+        # PEFT takes lora_bias only with init_lora_weights True or False.
+        "init_lora_weights": "gaussian" if spec.init == "gaussian" and not lora_bias else True,
         "bias": "none",
-        "lora_bias": False,
+        "lora_bias": lora_bias,
         "use_dora": kinds == {"dora"},
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -711,6 +732,12 @@ def _check_vllm(items, spec: LoraSpec) -> None:
                 f"vLLM does not load extra saved modules (PEFT modules_to_save): the "
                 f"adapters train the base leaf at {path!r}"
             )
+    if spec.lora_bias or any(isinstance(node, LoraBiasAdapter) for _, node in items):
+        raise ValueError(
+            "vLLM has deprecated LoRA biases (its enable_lora_bias option; PEFT's "
+            "lora_bias): merge the adapters into the base (jlora.merge adds the biases to "
+            "the layers' own) and serve the merged model, or train without lora_bias"
+        )
     if spec.dora or any(isinstance(node, DoraAdapter) for _, node in items):
         raise ValueError(
             "vLLM does not load DoRA adapters (use_dora): merge them into the base "
@@ -819,6 +846,7 @@ def load(
         rank_pattern=spec_ranks or None,
         alpha_pattern=spec_alphas or None,
         dora=bool(config.get("use_dora", False)),
+        lora_bias=bool(config.get("lora_bias", False)),
     )
     return build_like(params, nodes), spec
 
@@ -831,7 +859,8 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
 
     Returns:
       ``(config, modules)``: ``modules[name]`` holds ``A`` (PEFT's ``(r, in)``), ``B``
-      (``(out, r)``), ``magnitude`` (DoRA, else None), ``embedding`` (whether the
+      (``(out, r)``), ``magnitude`` (DoRA, else None), ``lora_bias`` (lora_B's bias
+      ``(out,)`` with ``lora_bias``, else None), ``embedding`` (whether the
       factors are ``lora_embedding_*``), and the module's ``rank``, ``alpha`` and
       ``scale`` (``rank_pattern`` / ``alpha_pattern`` applied). Full base weights PEFT
       may save beside the factors are left out.
@@ -858,6 +887,7 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
             "A": factors["A"],
             "B": factors["B"],
             "magnitude": factors.get("M"),
+            "lora_bias": factors.get("bias"),
             "embedding": f"{PREFIX}{module}.lora_embedding_A" in tensors,
             "rank": factors["rank"],
             "alpha": factors["alpha"],
@@ -866,9 +896,8 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     return config, modules
 
 
-_BOOLEANS = ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode")
+_BOOLEANS = ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias")
 _UNSUPPORTED = {
-    "lora_bias": "LoRA biases (lora_bias)",
     "modules_to_save": "extra saved modules (modules_to_save)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     # jlora.peft.save writes these for expert weights, but the nested keys name a depth,
@@ -986,6 +1015,7 @@ def _read_tensors(directory) -> dict[str, np.ndarray]:
 
 MAGNITUDE = "lora_magnitude_vector"
 # PEFT writes Linear magnitudes without ``.weight`` and Embedding ones with it.
+_LORA_BIAS_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_B\.bias")
 _MAGNITUDE_KEY = re.compile(rf"base_model\.model\.(?P<module>.+)\.{MAGNITUDE}(?:\.weight)?")
 _BASE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)(?:\.base_layer)?\.weight")
 
@@ -1005,6 +1035,13 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
             dora = _MAGNITUDE_KEY.fullmatch(key)
             if dora is not None:
                 by_module.setdefault(dora["module"], {})["M"] = value
+                continue
+            bias = _LORA_BIAS_KEY.fullmatch(key)
+            if bias is not None:
+                if value.ndim != 1:
+                    raise FileFormatError(weights_file, key=key, expected="a 1-D tensor",
+                                          found=list(value.shape))  # fmt: skip
+                by_module.setdefault(bias["module"], {})["bias"] = value
                 continue
             base = _BASE_KEY.fullmatch(key)
             if base is not None and ".lora_" not in key:
@@ -1028,7 +1065,7 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
                 expected="either lora_A/lora_B or lora_embedding_A/lora_embedding_B",
                 found="both",
             )
-        if set(factors) - {"M"} != {"A", "B"}:
+        if set(factors) - {"M", "bias"} != {"A", "B"}:
             raise FileFormatError(weights_file, key=module, expected="both lora_A and lora_B",
                                   found=f"lora_{''.join(sorted(factors))} only")
     return by_module, base_weights
@@ -1089,6 +1126,20 @@ def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dic
                 "exclude_modules leave out: the files disagree",
                 key="target_modules", expected=f"a selection that includes {module!r}",
                 found=config.get("target_modules"),
+            )
+        if bool(config.get("lora_bias")) != ("bias" in factors):
+            has = bool(config.get("lora_bias"))
+            raise FileFormatError(
+                weights_file,
+                f"the config sets lora_bias={str(has).lower()}: the files disagree",
+                key=module, expected=f"{'a' if has else 'no'} lora_B.bias",
+                found="none" if has else "one",
+            )
+        if "bias" in factors and factors["bias"].shape != (factors["B"].shape[0],):
+            raise FileFormatError(
+                weights_file, key=f"{module}.lora_B.bias",
+                expected=f"{factors['B'].shape[0]} values (lora_B's rows)",
+                found=list(factors["bias"].shape),
             )
         if dora != ("M" in factors):
             raise FileFormatError(
@@ -1251,13 +1302,16 @@ def _adapter(path, layers, layout, by_module, config, weights_file) -> tuple[Lor
         )
     rank, alpha = ranks.pop(), alphas.pop()
     dora = bool(config.get("use_dora", False))
-    a_rows, b_cols, magnitudes = [], [], []
+    with_bias = bool(config.get("lora_bias", False))
+    a_rows, b_cols, magnitudes, biases = [], [], [], []
     for index in np.ndindex(*layout.stack_shape):
         module = layers[index]
         lora_a, lora_b = _factors(by_module[module], module, path, layout, rank, weights_file)
         a_rows.append(lora_a.T)
         b_cols.append(lora_b.T)
         magnitudes.append(_magnitude(by_module[module], module, path, layout, dora, weights_file))
+        if with_bias:
+            biases.append(by_module[module]["bias"])
     denominator = scale_denominator(rank, bool(config.get("use_rslora")))
     node = LoraAdapter(
         lora_a=jnp.asarray(np.stack(a_rows).reshape(layout.a_shape(rank))),
@@ -1266,9 +1320,11 @@ def _adapter(path, layers, layout, by_module, config, weights_file) -> tuple[Lor
         layout=layout,
         dropout=float(config.get("lora_dropout") or 0.0),
     )
+    shape = (*layout.stack_shape, layout.out_features)
     if dora:
-        shape = (*layout.stack_shape, layout.out_features)
         node = DoraAdapter(**vars(node), magnitude=jnp.asarray(np.stack(magnitudes).reshape(shape)))
+    elif with_bias:
+        node = LoraBiasAdapter(**vars(node), lora_bias=jnp.asarray(np.stack(biases).reshape(shape)))
     return node, alpha
 
 
