@@ -22,6 +22,7 @@ from jlora._optim import labels, optimizer, summary
 from jlora._quant import QuantizedWeight, dequantize, quantize
 from jlora._spec import LoraSpec
 from jlora._stack import StackedAdapter, pad, stack, unstack
+from jlora._tokens import TokensAdapter
 from jlora._types import Adapters, Params, Path
 from jlora.checkpoint import load, save
 from jlora.errors import (
@@ -54,6 +55,7 @@ __all__ = [
     "QuantizedWeight",
     "SharedRouterMixture",
     "StackedAdapter",
+    "TokensAdapter",
     "Uses",
     "WriteRefusedError",
     "combine",

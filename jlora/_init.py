@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,9 +80,17 @@ def _init(
 ) -> tuple[Adapters, dict[Path, Any]]:
     """:func:`init`, and the NF4 bases a LoftQ init made (``{path: QuantizedWeight}``),
     encoded with ``quantization = (block_size, double_quant)``."""
-    targets = spec.select(params)
+    tokens = spec.token_targets(params)
+    no_targets = isinstance(spec.targets, tuple) and not spec.targets
+    targets = [] if tokens and no_targets else spec.select(params)
+    both = [path for path, _ in targets if path in tokens]
+    if both:
+        raise ValueError(
+            f"{both[0]!r} is both a LoRA target and a trainable_token_indices embedding; a "
+            "weight takes one of them: exclude it from the targets (LoraSpec.exclude)"
+        )
     layouts = _layouts(targets, params, fn, args, kwargs, spec.targets)
-    if fn is not None and not callable_selector(spec.targets):
+    if fn is not None and targets and not callable_selector(spec.targets):
         # Matched by name or regex but never used as a weight (a stacked bias or norm
         # scale of a scanned model): not a target.
         unused = [path for path, _ in targets if path not in layouts]
@@ -138,6 +147,15 @@ def _init(
             start = node.merge_into(bases[path].dense()) if path in bases else leaf
             node = DoraAdapter(**vars(node), magnitude=_column_norms(start, layout, factor_dtype))
         nodes[path] = node
+    if tokens:
+        from jlora._tokens import tokens_adapter
+
+        leaves = dict(leaves_with_paths(params, is_leaf=is_weight_node))
+        token_layouts = _layouts([(p, leaves[p]) for p in tokens], params, fn, args, kwargs,
+                                 "|".join(map(re.escape, tokens)))  # fmt: skip
+        for path, indices in tokens.items():
+            nodes[path] = tokens_adapter(path, leaves[path], token_layouts[path], indices,
+                                         _factor_dtype(leaves[path], dtype))  # fmt: skip
     if spec.share_router:
         nodes.update(_share_routers({path: nodes[path] for path, _ in targets}))
     for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):

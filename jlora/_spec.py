@@ -6,7 +6,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -94,6 +94,13 @@ class LoraSpec:
         ``lora_bias``); ``merge`` adds ``s·b`` to the layer's bias leaf. For dense,
         einsum and convolution layers (PEFT: Linear and Conv), mostly for adapters
         extracted from full fine-tunes whose biases changed.
+      trainable_token_indices: train only these rows of an embedding
+        (:class:`jlora.TokensAdapter`, PEFT's option of the same name), e.g. for new
+        special tokens: ``{name: [indices]}`` with ``name`` a module name of the
+        embedding's path (``"embed_tokens"``, ``"wte"``, ``"embed"``), or a list of
+        indices for the model's one token embedding (the 2-D leaf whose module name
+        holds ``embed``, ``wte`` or ``tok``, position and type tables aside). It composes
+        with LoRA targets elsewhere in the model; ``targets=[]`` trains tokens alone.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -116,6 +123,7 @@ class LoraSpec:
     top_k: int = 0
     share_router: bool = False
     lora_bias: bool = False
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self):
         if self.targets is None:
@@ -171,6 +179,27 @@ class LoraSpec:
                 f"LoraSpec: init={self.init!r} does not apply to a mixture of experts "
                 "(experts > 0): use 'kaiming' or 'gaussian'"
             )
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            groups = tokens.values() if isinstance(tokens, Mapping) else [tokens]
+            if isinstance(tokens, Mapping) and not all(isinstance(k, str) for k in tokens):
+                raise TypeError(
+                    "LoraSpec.trainable_token_indices: keys must be module names; found "
+                    f"{list(tokens)!r}"
+                )
+            for group in groups:
+                if isinstance(group, (str, bytes)) or not isinstance(group, Sequence) or (
+                    not group or not all(is_int(i) and i >= 0 for i in group)
+                ):
+                    raise ValueError(
+                        "LoraSpec.trainable_token_indices: expected a non-empty list of "
+                        f"non-negative token indices (or {{name: list}}); found {group!r}"
+                    )
+            object.__setattr__(
+                self, "trainable_token_indices",
+                {k: tuple(int(i) for i in v) for k, v in tokens.items()}
+                if isinstance(tokens, Mapping) else tuple(int(i) for i in tokens),
+            )  # fmt: skip
         for field in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field)
             if pattern is not None:
@@ -223,6 +252,39 @@ class LoraSpec:
         if self.trainable is None:
             return False
         return _matches(self.trainable, path, leaf, need_matrix=False)
+
+    def token_targets(self, params: Params) -> dict[Path, tuple[int, ...]]:
+        """``{path: row indices}`` of the embeddings ``trainable_token_indices`` names.
+
+        Raises:
+          ValueError: a name that matches no embedding, or one that matches several; a
+            list of indices when the model has no token embedding, or more than one.
+        """
+        tokens = self.trainable_token_indices
+        if tokens is None:
+            return {}
+        leaves = [(p, leaf) for p, leaf in leaves_with_paths(params, is_leaf=is_weight_node)
+                  if _eligible(leaf, p) and len(shape_of(leaf)) == 2]  # fmt: skip
+        if not isinstance(tokens, Mapping):
+            found = [p for p, _ in leaves if _is_token_table(p)]
+            if len(found) != 1:
+                raise ValueError(
+                    "LoraSpec.trainable_token_indices as a list is for the model's one token "
+                    f"embedding; found {len(found)} candidates {found[:8]}. Name it: "
+                    "trainable_token_indices={'<module name>': [...]}"
+                )
+            return {found[0]: tokens}
+        out: dict[Path, tuple[int, ...]] = {}
+        for name, indices in tokens.items():
+            found = [p for p, _ in leaves if name in p.split("/")[:-1]]
+            if len(found) != 1:
+                raise ValueError(
+                    f"LoraSpec.trainable_token_indices[{name!r}] names {len(found)} 2-D "
+                    f"leaves {found[:8]}; it must name exactly one embedding (a module name "
+                    f"of its path). Candidates: {[p for p, _ in leaves][:12]}"
+                )
+            out[found[0]] = indices
+        return out
 
     def select(self, params: Params) -> list[tuple[Path, Any]]:
         """The targeted ``(path, leaf)`` pairs of ``params``, in flattening order.
@@ -370,6 +432,14 @@ def _eligible(leaf: Any, path: Path | None = None) -> bool:
     if path is not None and _leaf_name(path) in NOT_WEIGHTS:
         return False
     return _is_floating(leaf) and len(shape_of(leaf)) >= 2
+
+
+def _is_token_table(path: Path) -> bool:
+    """Whether a module name of ``path`` reads as a token embedding (not positions/types)."""
+    modules = [part.lower() for part in path.split("/")[:-1]]
+    return any(
+        re.search(r"embed|wte|tok", m) and not re.search(r"pos|wpe|type", m) for m in modules
+    )
 
 
 def _matches(selector: Any, path: Path, leaf: Any, *, need_matrix: bool) -> bool:

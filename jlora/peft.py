@@ -338,6 +338,21 @@ def save(
         raise ValueError("save: adapter_names is for a stack of adapters (jlora.stack)")
     if target is not None and target != "vllm":
         raise ValueError(f"target must be None or 'vllm'; found {target!r}")
+    from jlora._tokens import TokensAdapter
+
+    token_items = [(p, n) for p, n in items if isinstance(n, TokensAdapter)]
+    items = [(p, n) for p, n in items if not isinstance(n, TokensAdapter)]
+    if target == "vllm" and token_items:
+        raise ValueError(
+            "vLLM does not load trainable tokens (PEFT trainable_token_indices): merge them "
+            "into the embedding (jlora.merge) and serve the merged model"
+        )
+    if token_items and not any(isinstance(n, LoraAdapter) for _, n in items):
+        raise ValueError(
+            "save: the adapters hold trainable tokens only; jlora.peft writes them beside "
+            "LoRA modules (a LoraConfig with trainable_token_indices). Save them with "
+            "jlora.checkpoint.save, or add LoRA targets"
+        )
     if target == "vllm":
         _check_vllm(items, spec)
     unwritable = [(p, n.KIND) for p, n in items if isinstance(n, LoraAdapter)
@@ -396,8 +411,21 @@ def save(
                 b = tensors[f"{PREFIX}{name}.lora_B.weight"]
                 tensors[key] = np.zeros((b.shape[0],), b.dtype)
 
+    token_indices: dict[str, list[int]] = {}
+    for path, node in token_items:
+        name = key_map(path)
+        if name is None or "{}" in name:
+            raise ValueError(
+                f"key_map {_key_map_name(key_map)!r} has no PyTorch module name for the "
+                f"trainable-tokens embedding at {path!r}"
+            )
+        # PEFT stores the rows' values (its "delta" is the new rows), (k, embedding_dim).
+        tensors[f"{PREFIX}{name}.{TOKENS}"] = np.ascontiguousarray(np.asarray(node.rows))
+        token_indices[name] = [int(i) for i in node.indices]
     parameters = _write_expert_params(by_expert_module, modules, tensors, parameter_order)
     config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
+    if token_indices:
+        config["trainable_token_indices"] = token_indices
     if parameters:
         config["target_parameters"] = parameters
     _write_adapter_dir(os.fspath(directory), tensors, config)
@@ -827,6 +855,24 @@ def load(
     nodes: dict[Path, LoraAdapter] = {}
     spec_ranks: dict[str, int] = {}
     spec_alphas: dict[str, float] = {}
+    tokens = config.pop("_tokens")
+    if tokens:
+        from jlora._tokens import TokensAdapter
+
+        token_where = _locate(dict.fromkeys(tokens), params, key_map, weights_file)
+        for path, layers in token_where.items():
+            module = layers[()]
+            indices, rows = tokens[module]
+            layout = Layout.dense(tuple(shape_of(leaves[path])))
+            if rows.shape[1] != layout.out_features or max(indices) >= layout.in_features:
+                raise FileFormatError(
+                    weights_file, f"the embedding at {path!r} is {describe(leaves[path])}",
+                    key=f"{module}.{TOKENS}",
+                    expected=f"rows of {layout.out_features} values, indices below "
+                    f"{layout.in_features}", found=f"rows {list(rows.shape)}, indices {indices}",
+                )  # fmt: skip
+            nodes[path] = TokensAdapter(scale=1.0, layout=layout, rows=jnp.asarray(rows),
+                                        indices=indices)  # fmt: skip
     for path, layers in where.items():
         node, path_alpha = _adapter(path, layers, layouts[path], by_module, config, weights_file)
         nodes[path] = node
@@ -836,10 +882,11 @@ def load(
             spec_alphas[re.escape(path)] = path_alpha
 
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
+    token_paths = {p for p, n in nodes.items() if type(n).__name__ == "TokensAdapter"}
     spec = LoraSpec(
         rank=rank,
         alpha=alpha,
-        targets="|".join(re.escape(path) for path in nodes),
+        targets="|".join(re.escape(p) for p, n in nodes.items() if p not in token_paths),
         dropout=float(config.get("lora_dropout") or 0.0),
         init=init,
         rslora=rslora,
@@ -847,6 +894,8 @@ def load(
         alpha_pattern=spec_alphas or None,
         dora=bool(config.get("use_dora", False)),
         lora_bias=bool(config.get("lora_bias", False)),
+        trainable_token_indices={path.split("/")[-2]: nodes[path].indices
+                                 for path in token_paths} or None,
     )
     return build_like(params, nodes), spec
 
@@ -881,6 +930,7 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     """
     directory = _io.existing(directory)
     config, tensors, by_module, _, _ = _read_adapter(directory)
+    config.pop("_tokens")
     modules = {}
     for module, factors in by_module.items():
         modules[module] = {
@@ -899,7 +949,6 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
 _BOOLEANS = ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias")
 _UNSUPPORTED = {
     "modules_to_save": "extra saved modules (modules_to_save)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     # jlora.peft.save writes these for expert weights, but the nested keys name a depth,
     # not a parameter: reading them back needs the PyTorch module's registration order.
     "target_parameters": "adapters on bare parameters (target_parameters)",
@@ -1014,13 +1063,17 @@ def _read_tensors(directory) -> dict[str, np.ndarray]:
 
 
 MAGNITUDE = "lora_magnitude_vector"
+TOKENS = "token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: the new rows
+_TOKENS_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.token_adapter\.trainable_tokens_delta"
+)
 # PEFT writes Linear magnitudes without ``.weight`` and Embedding ones with it.
 _LORA_BIAS_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_B\.bias")
 _MAGNITUDE_KEY = re.compile(rf"base_model\.model\.(?P<module>.+)\.{MAGNITUDE}(?:\.weight)?")
 _BASE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)(?:\.base_layer)?\.weight")
 
 
-def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
+def _group(tensors: Mapping[str, np.ndarray], weights_file: str, tokens: dict | None = None):
     """``{module: {"A": array, "B": array}}`` and ``{module: base weight}`` from the keys.
 
     PEFT saves the full base weight of a targeted embedding beside its factors
@@ -1035,6 +1088,13 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str):
             dora = _MAGNITUDE_KEY.fullmatch(key)
             if dora is not None:
                 by_module.setdefault(dora["module"], {})["M"] = value
+                continue
+            token = _TOKENS_KEY.fullmatch(key)
+            if token is not None and tokens is not None:
+                if value.ndim != 2:
+                    raise FileFormatError(weights_file, key=key, expected="a 2-D tensor",
+                                          found=list(value.shape))  # fmt: skip
+                tokens[token["module"]] = value
                 continue
             bias = _LORA_BIAS_KEY.fullmatch(key)
             if bias is not None:
@@ -1091,6 +1151,55 @@ def _excluded(config: Mapping[str, Any], module: str, config_file: str) -> bool:
     return _names(config, "exclude_modules", module, config_file)
 
 
+def _token_entries(config, token_rows, config_file, weights_file) -> dict[str, tuple]:
+    """``{module: (indices, rows)}`` from ``trainable_token_indices`` and the token keys,
+    checked to agree (PEFT's dict keys are module names or suffixes of them)."""
+    indices = config.get("trainable_token_indices")
+    if not indices and not token_rows:
+        return {}
+    if not indices or not token_rows:
+        raise FileFormatError(
+            weights_file if indices else config_file,
+            "trainable_token_indices and the token_adapter tensors disagree",
+            key="trainable_token_indices", expected="both or neither",
+            found=f"indices {indices!r}, tensors for {sorted(token_rows)}",
+        )
+    if isinstance(indices, Mapping):
+        pairs = list(indices.items())
+    elif isinstance(indices, list) and len(token_rows) == 1:
+        pairs = [(next(iter(token_rows)), indices)]
+    else:
+        raise FileFormatError(config_file, key="trainable_token_indices",
+                              expected="{module: [indices]} (or a list for one embedding)",
+                              found=indices)  # fmt: skip
+    entries: dict[str, tuple] = {}
+    for name, group in pairs:
+        if not isinstance(group, list) or not group or not all(is_int(i) and i >= 0
+                                                              for i in group):  # fmt: skip
+            raise FileFormatError(config_file, key=f"trainable_token_indices[{name!r}]",
+                                  expected="a non-empty list of token indices", found=group)
+        modules = [m for m in token_rows if m == name or m.endswith(f".{name}")]
+        if len(modules) != 1:
+            raise FileFormatError(
+                weights_file, key=f"trainable_token_indices[{name!r}]",
+                expected="one token_adapter tensor for the module it names",
+                found=sorted(token_rows),
+            )
+        rows = token_rows[modules[0]]
+        if rows.shape[0] != len(group) or len(set(group)) != len(group):
+            raise FileFormatError(
+                weights_file, key=f"{modules[0]}.{TOKENS}",
+                expected=f"{len(group)} rows for distinct indices {group}",
+                found=list(rows.shape),
+            )
+        entries[modules[0]] = (tuple(int(i) for i in group), rows)
+    unnamed = sorted(set(token_rows) - set(entries))
+    if unnamed:
+        raise FileFormatError(weights_file, key=f"{unnamed[0]}.{TOKENS}",
+                              expected="indices for it in trainable_token_indices", found="none")
+    return entries
+
+
 def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dict, dict, str]:
     """The checked config, tensors, factors per module, base weights and the weights file.
 
@@ -1104,9 +1213,11 @@ def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dic
     config = _read_config(directory)
     tensors = _read_tensors(directory)
     weights_file = os.path.join(directory, WEIGHTS_NAME)
-    by_module, base_weights = _group(tensors, weights_file)
+    token_rows: dict[str, np.ndarray] = {}
+    by_module, base_weights = _group(tensors, weights_file, token_rows)
     if not by_module:
         raise FileFormatError(weights_file, "holds no LoRA factors")
+    config["_tokens"] = _token_entries(config, token_rows, config_file, weights_file)
     dora = bool(config.get("use_dora"))
     for module, factors in by_module.items():
         rank = _peft_value(config.get("rank_pattern") or {}, module, config["r"], config_file)
