@@ -191,9 +191,11 @@ def _describe_orbax(directory: str, step: int | None) -> dict[str, Any]:
                     "rank": rank,
                     "alpha": scale * denominator,
                     "scale": scale,
-                    "dtype": str(jnp.dtype(node.lora_a.dtype)),
+                    "dtype": str(jnp.dtype(arrays[0].dtype)),
                     "parameters": sum(int(x.size) for x in arrays),
-                    "update_norm": _update_norm(node.lora_a, node.lora_b, scale),
+                    # A trainable-tokens adapter has no factors: its update needs the base.
+                    "update_norm": None if node.lora_a is None else _update_norm(
+                        node.lora_a, node.lora_b, scale),
                 }
             )
         else:
@@ -304,7 +306,7 @@ def _format_report(report: dict[str, Any]) -> str:
                 f"{target['alpha']:g}" if lora else "-",
                 f"{target['scale']:g}" if lora else "-",
                 target["dtype"],
-                f"{target['update_norm']:.6g}" if lora else "-",
+                f"{target['update_norm']:.6g}" if target.get("update_norm") is not None else "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -116,3 +116,47 @@ def test_mixture(tmp_path):
         assert float(lora) < float(base)
     assert "trainable params:" in out
     assert (tmp_path / "routing.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # 30 s (compilations: one training step per rank and way)
+def test_svd_lowrank(tmp_path):
+    out = run_example("svd_lowrank.py", "--out", str(tmp_path))
+    assert "OK: the fine-tune delta needs fewer components than a random matrix" in out
+    assert "OK: extraction's logit distance falls with rank" in out
+    assert "OK: at every rank both distillations beat compression alone" in out
+    # The spectra table: per layer, the delta keeps more of Σσ² at rank 1 than the random
+    # matrix of the same shape and norm, and needs fewer components for 90 %.
+    rows = re.findall(
+        r"^(\w+)\s+\d+×\d+\s+(delta|random)\s+([\d.]+)%.*?(\d+)\s+\d+\s+\d+$", out, re.MULTILINE
+    )
+    table = {(name, kind): (float(r1), int(r90)) for name, kind, r1, r90 in rows}
+    for name in ("dense_0", "dense_1", "head"):
+        assert table[name, "delta"][0] > table[name, "random"][0]
+        assert table[name, "delta"][1] < table[name, "random"][1]
+    # Extraction: the logit distance falls with rank, full rank is the tuned model.
+    extraction = re.findall(
+        r"^\s+(\d+)\s+[\d,]+\s+[\d.]+ %\s+([\d.e+-]+)\s+[\d.e+-]+\s+[\d.e+-]+$", out, re.MULTILINE
+    )
+    ranks = [int(r) for r, _ in extraction]
+    distances = [float(d) for _, d in extraction]
+    assert ranks == [1, 2, 4, 8, 16, 32, 64]
+    assert all(distances[i + 1] < distances[i] for i in range(len(distances) - 1))
+    assert distances[-1] < 1e-4
+    # Compression: "r  params  share  acc dist  acc dist  acc dist  (params)" per rank.
+    compression = re.findall(
+        r"^\s+(\d+)\s+([\d,]+)\s+\d+ %\s+[\d.]+ % ([\d.e+-]+)\s+[\d.]+ % ([\d.e+-]+)"
+        r"\s+[\d.]+ % ([\d.e+-]+)\s+\(([\d,]+)\)$",
+        out,
+        re.MULTILINE,
+    )
+    assert [int(row[0]) for row in compression] == [2, 4, 8]
+    dense = int(re.search(r"\(([\d,]+) params dense\)", out).group(1).replace(",", ""))
+    for _, params, compressed, pairs, lora, lora_params in compression:
+        assert int(params.replace(",", "")) < int(lora_params.replace(",", "")) < dense
+        assert float(pairs) < float(compressed) and float(lora) < float(compressed)
+    # The 4×5 arithmetic: r·(in + out) against in·out = 20, computed, and a real compress.
+    arithmetic = re.findall(r"^\s+(\d)\s+(\d+)\s+20\s+\d+ %", out, re.MULTILINE)
+    assert [(int(r), int(n)) for r, n in arithmetic] == [(1, 9), (2, 18), (3, 27), (4, 36)]
+    assert "from r = 3 on, r·(in + out) >= in·out" in out
+    assert "param_count() = 18" in out
+    assert (tmp_path / "svd_lowrank.png").stat().st_size > 0
