@@ -53,3 +53,18 @@ def test_checkpoint_quick(tmp_path):
     result = run_quick("benchmarks.checkpoint", tmp_path / "checkpoint.json")
     adapters, full = result["rows"]
     assert 0 < adapters["disk_bytes"] < full["disk_bytes"]
+
+
+@pytest.mark.slow
+def test_loftq_quick(tmp_path):
+    result = run_quick("benchmarks.loftq", tmp_path / "loftq.json")
+    assert not result["failures"]  # the program exits 1 on a failed claim, checked above
+    errors = {(row["variant"], row["rank"]): row for row in result["errors"]}
+    plain = errors[("NF4 (+ LoRA, B = 0)", "-")]["weight_rel_error"]
+    assert 0 < errors[("NF4 + LoftQ (1 round)", 8)]["weight_rel_error"] < plain
+    rows = result["finetune"]["rows"]
+    assert [row["variant"] for row in rows][:2] == ["float + LoRA", "NF4 + LoRA"]
+    for row in rows:
+        assert row["flops"] > 0 and row["loss_end"] < row["loss_0"]
+    # NF4 stores about 4.1 bits per targeted weight, float32 32.
+    assert rows[1]["base_bytes"] < rows[0]["base_bytes"] / 4
