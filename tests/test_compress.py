@@ -244,3 +244,26 @@ def test_errors(key):
         jlora.compress(jlora.compress({"w": w}, "w", rank=1), "w", rank=1)
     with pytest.raises(ValueError, match="already an encoded nf4 weight"):
         jlora.compress(jlora.quantize({"w": jnp.ones((64, 4))}, "w"), "w", rank=1)
+
+
+def test_dora_and_a_stack_on_a_compressed_weight(key):
+    """The two axes compose: a DoRA adapter and a stack chosen per example on a low-rank
+    weight equal the merged dense model (DoRA's norm reads the dense U·V)."""
+    w = _decaying(key, 16, 12)
+    small = jlora.compress({"w": w}, "w", rank=4)
+    dense = jlora.dequantize(small)
+    x = jax.random.normal(key, (3, 16))
+
+    def fn(p, x):
+        return x @ p["w"]
+
+    dora = jlora.init(jlora.LoraSpec(rank=2, targets="w", dora=True), dense, key)
+    dora = jax.tree_util.tree_map(lambda t: t + 0.1, dora)
+    np.testing.assert_allclose(jlora.lora(fn)(small, dora, x), fn(jlora.merge(dense, dora), x),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    one = jlora.init(jlora.LoraSpec(rank=2, targets="w"), dense, key)
+    one = jax.tree_util.tree_map(lambda t: t + 0.1, one)
+    got = jlora.lora(fn)(small, jlora.stack([one, one]), x, lora_ids=jnp.array([0, 1, -1]))
+    want = jnp.stack([fn(jlora.merge(dense, one), x)[0], fn(jlora.merge(dense, one), x)[1],
+                      fn(dense, x)[2]])  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -69,6 +69,7 @@ def test_lora_bias_equals_the_merged_model_in_values_and_gradients(key):
     assert all(u.materialized == 0 for u in report.values()), report
 
 
+@pytest.mark.slow
 def test_lora_bias_on_the_scanned_decoder_and_refused_on_lookups(key):
     model = Decoder()
     tokens = jax.random.randint(key, (2, 8), 0, 64)
@@ -106,6 +107,10 @@ def test_spec_and_vllm_errors(key, tmp_path):
     adapters = jlora.init(spec, params, key)
     with pytest.raises(ValueError, match="vLLM has deprecated LoRA biases"):
         jlora.peft.save(tmp_path, adapters, spec, key_map="flax", target="vllm")
+    table = {"e": {"embedding": jnp.ones((10, 4))}}
+    looked_up = jlora.init(jlora.LoraSpec(rank=1, targets=["e"], lora_bias=True), table, key)
+    with pytest.raises(ValueError, match=r"applies only where its weight is used as x·W"):
+        jlora.lora(lambda p, i: p["e"]["embedding"][i])(table, looked_up, jnp.array([1]))
 
 
 def test_checkpoint_round_trip(key, tmp_path):
@@ -156,6 +161,7 @@ def _torch_logits(model, ids):
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 def test_jlora_lora_bias_loads_in_peft_and_merges_alike(bert, key, tmp_path):
     params, fn, torch_model, ids = bert
     spec = jlora.LoraSpec(rank=4, alpha=8.0, targets=TARGETS, lora_bias=True)
@@ -178,6 +184,7 @@ def test_jlora_lora_bias_loads_in_peft_and_merges_alike(bert, key, tmp_path):
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 # PEFT 0.21 takes any 1-D lora_B tensor for an ungathered ZeRO-3 shard, lora_B.bias too.
 @pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")
 def test_peft_lora_bias_loads_in_jlora(bert, tmp_path):

@@ -139,6 +139,7 @@ def _torch_logits(model, ids):
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 def test_jlora_tokens_with_lora_load_in_peft(llama, key, tmp_path):
     params, fn, torch_model, ids = llama
     spec = jlora.LoraSpec(rank=4, alpha=8.0, targets=["q_proj", "v_proj"],
