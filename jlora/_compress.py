@@ -27,7 +27,7 @@ import numpy as np
 
 from jlora._adapter import Layout, LoraAdapter, wide_float
 from jlora._paths import describe, path_str
-from jlora._types import Array, Params, Selector, is_int, is_real
+from jlora._types import Array, Params, Selector
 from jlora._weights import WeightNode, is_weight_node
 
 
@@ -139,22 +139,6 @@ jax.tree_util.register_dataclass(
 # -- compress -----------------------------------------------------------------------------
 
 
-def _check_choice(rank: Any, energy: Any) -> None:
-    if (rank is None) == (energy is None):
-        raise ValueError(
-            "compress: give exactly one of rank= (the same rank at every target) and "
-            f"energy= (the share of each weight's Σσ² to keep); found rank={rank!r}, "
-            f"energy={energy!r}"
-        )
-    if rank is not None and (not is_int(rank) or rank < 1):
-        raise ValueError(f"compress: rank must be an integer >= 1; found {rank!r}")
-    if energy is not None and (not is_real(energy) or not 0 < float(energy) <= 1):
-        raise ValueError(
-            f"compress: energy must be a number in (0, 1] (e.g. 0.95 keeps 95% of Σσ²); "
-            f"found {energy!r}"
-        )
-
-
 @functools.partial(jax.jit, static_argnames="layout")
 def _factors(w: Array, layout: Layout) -> tuple[Array, Array, Array]:
     """``(U·Σ^{1/2}, σ, Σ^{1/2}·Vᵀ)`` of the grouped weight, signs made definite."""
@@ -220,11 +204,11 @@ def compress(
       >>> bool(jnp.allclose(y, x @ small["w"].dense(), atol=1e-4))
       True
     """
-    from jlora._extract import _energy_rank
+    from jlora._extract import _check_choice, _energy_rank
     from jlora._init import _layouts
     from jlora._spec import LoraSpec
 
-    _check_choice(rank, energy)
+    _check_choice(rank, energy, None, what="compress", share="each weight's Σσ²")
     chosen = LoraSpec(targets=targets).select(params)
     for path, leaf in chosen:
         if is_weight_node(leaf):

@@ -246,20 +246,23 @@ def spectrum(
 # -- arguments and trees ------------------------------------------------------------------
 
 
-def _check_choice(rank: Any, energy: Any, alpha: Any) -> None:
+def _check_choice(rank: Any, energy: Any, alpha: Any, what: str = "extract",
+                  share: str = "each delta's energy") -> None:
+    """Exactly one of ``rank`` (an integer >= 1) and ``energy`` (in (0, 1]), for
+    ``jlora.<what>``; ``alpha`` None or finite and positive."""
     if (rank is None) == (energy is None):
         raise ValueError(
-            "extract: give exactly one of rank= (the same rank at every target) and "
-            f"energy= (the share of each delta's energy to keep); found rank={rank!r}, "
+            f"{what}: give exactly one of rank= (the same rank at every target) and "
+            f"energy= (the share of {share} to keep); found rank={rank!r}, "
             f"energy={energy!r}"
         )
     if rank is not None and (not is_int(rank) or rank < 1):
-        raise ValueError(f"extract: rank must be an integer >= 1; found {rank!r}")
+        raise ValueError(f"{what}: rank must be an integer >= 1; found {rank!r}")
     if energy is not None and (
         not is_real(energy) or not math.isfinite(float(energy)) or not 0 < float(energy) <= 1
     ):
         raise ValueError(
-            f"extract: energy must be a number in (0, 1] (e.g. 0.9 keeps 90% of Σσ²); "
+            f"{what}: energy must be a number in (0, 1] (e.g. 0.9 keeps 90% of Σσ²); "
             f"found {energy!r}"
         )
     if alpha is not None and (
