@@ -131,28 +131,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from tests.test_peft_interop import ATOL, FAMILIES, SEQ, VOCAB  # noqa: E402
-from tests.torch_convert import copy_into, flax_to_torch_state  # noqa: E402
+from tests.test_peft_interop import ATOL, make_twins  # noqa: E402
+from tests.torch_convert import flax_to_torch_state  # noqa: E402
 
 TARGETS = ["query", "value", "intermediate"]
 
 
 @pytest.fixture(scope="module")
 def bert():
-    family = FAMILIES["bert"]
-    config = family.config()
-    with jax.numpy_dtype_promotion("standard"):
-        flax_model = transformers.FlaxBertForSequenceClassification(config, seed=0)
-    torch.manual_seed(0)
-    torch_model = transformers.BertForSequenceClassification(config).eval()
-    copy_into(flax_model.params, torch_model)
-    ids = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int64)
-
-    def fn(params, ids):
-        with jax.numpy_dtype_promotion("standard"):
-            return flax_model(ids, params=params).logits
-
-    return flax_model.params, fn, torch_model, ids
+    twins = make_twins("bert")
+    return twins.params, twins.fn, twins.torch_model.eval(), twins.input_ids
 
 
 def _torch_logits(model, ids):

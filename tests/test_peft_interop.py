@@ -148,7 +148,12 @@ class Twins:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def twins(request) -> Twins:
-    family = FAMILIES[request.param]
+    return make_twins(request.param)
+
+
+def make_twins(name: str) -> Twins:
+    """A random Flax model of family ``name`` and its PyTorch copy, on the same ids."""
+    family = FAMILIES[name]
     config = family.config()
     with jax.numpy_dtype_promotion("standard"):  # Hugging Face's Flax code is not strict
         flax_model = getattr(transformers, family.flax_class)(config, seed=0)

@@ -110,27 +110,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from tests.test_peft_interop import ATOL, FAMILIES, SEQ, VOCAB  # noqa: E402
-from tests.torch_convert import copy_into  # noqa: E402
+from tests.test_peft_interop import ATOL, make_twins  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llama():
-    config = FAMILIES["llama"].config()
-    with jax.numpy_dtype_promotion("standard"):
-        flax_model = transformers.FlaxLlamaForCausalLM(config, seed=0)
-    torch.manual_seed(0)
-    torch_model = transformers.LlamaForCausalLM(config).eval()
-    copy_into(flax_model.params, torch_model)
-    ids = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int64)
+    twins = make_twins("llama")
+    ids = twins.input_ids.copy()
     ids[:, ::3] = 7  # the trained tokens appear
     ids[0, 1] = 11
-
-    def fn(params, ids):
-        with jax.numpy_dtype_promotion("standard"):
-            return flax_model(ids, params=params).logits
-
-    return flax_model.params, fn, torch_model, ids
+    return twins.params, twins.fn, twins.torch_model.eval(), ids
 
 
 def _torch_logits(model, ids):
