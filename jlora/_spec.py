@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -50,13 +51,18 @@ class LoraSpec:
       targets: which leaves get an adapter. A ``str`` is a regex matched with
         ``re.fullmatch`` against the leaf path (``"params/.*/(query|value)/kernel"``);
         a list of names targets a leaf when a name equals one of the components of
-        its module path (every component but the leaf's own name), so
-        ``["query", "value"]`` hits ``.../attention/query/kernel``; a callable
+        its module path, or the leaf's own name unless that is a generic one
+        (``kernel``, ``weight``, ``w``, ``embedding``, ``value``): ``["query", "value"]``
+        hits ``.../attention/query/kernel``, and ``["gating_einsum"]`` the gm.nn leaf
+        ``mlp/gating_einsum``. Every listed name must match some weight; one that
+        matches none is an error that lists the near names. A callable
         ``(path, leaf) -> bool`` decides itself. With names or a regex only floating
         leaves of two or more dimensions are eligible (kernels and embeddings, never
         biases or norm scales, even stacked ones); when ``jlora.init`` gets ``fn``,
         only leaves ``fn`` uses as a matmul, convolution or lookup weight.
-      exclude: leaves never targeted, in any of the forms of ``targets``.
+      exclude: leaves never targeted, in any of the forms of ``targets``; a list of
+        names follows the rule of ``targets`` (module names and non-generic leaf names,
+        each matching some leaf).
       dropout: LoRA dropout rate on the low-rank path's input (needs ``lora_key``).
       init: ``"kaiming"`` (kaiming-uniform A, zero B, as PEFT's default),
         ``"gaussian"`` (A ~ N(0, (1/r)^2), zero B, as PEFT's ``"gaussian"``),
@@ -245,7 +251,9 @@ class LoraSpec:
         """Whether the leaf at ``path`` gets an adapter."""
         if not _matches(self.targets, path, leaf, need_matrix=True):
             return False
-        return self.exclude is None or not _matches(self.exclude, path, leaf, need_matrix=False)
+        return self.exclude is None or not _matches(
+            self.exclude, path, leaf, need_matrix=False, weight_names=True
+        )
 
     def is_trainable(self, path: Path, leaf: Any) -> bool:
         """Whether the base leaf at ``path`` is trained in full (``trainable``)."""
@@ -290,10 +298,17 @@ class LoraSpec:
         """The targeted ``(path, leaf)`` pairs of ``params``, in flattening order.
 
         Raises:
-          ValueError: nothing matches (the message lists candidate paths), or a
-            targeted leaf is not a floating-point array (integer or quantized).
+          ValueError: nothing matches (the message lists candidate paths), a listed
+            name of ``targets`` or ``exclude`` matches nothing (the message lists the
+            near names), or a targeted leaf is not a floating-point array.
         """
         leaves = leaves_with_paths(params, is_leaf=is_weight_node)
+        if isinstance(self.targets, tuple):
+            weights = [p for p, leaf in leaves if _eligible(leaf, p) or _is_integer_weight(leaf)]
+            if len(_unmatched(self.targets, weights)[0]) < len(self.targets):
+                _check_names(self.targets, "targets", weights, "weight (floating, ndim >= 2)")
+        if isinstance(self.exclude, tuple):
+            _check_names(self.exclude, "exclude", [p for p, _ in leaves], "leaf")
         chosen = [(path, leaf) for path, leaf in leaves if self.is_target(path, leaf)]
         if not chosen:
             integer = [
@@ -320,9 +335,12 @@ class LoraSpec:
             candidates = eligible or [f"{p} ({describe(leaf)})" for p, leaf in leaves]
             shown = "\n  ".join(candidates[:12])
             more = f"\n  ... and {len(candidates) - 12} more" if len(candidates) > 12 else ""
+            near = ""
+            if isinstance(self.targets, tuple) and self.targets:
+                near = f" Names: {_unmatched(self.targets, eligible)[1]}."
             raise ValueError(
                 f"LoraSpec.targets={self.targets!r} matches no leaf of params "
-                f"({len(leaves)} leaves). {heading}:\n  {shown}{more}"
+                f"({len(leaves)} leaves).{near} {heading}:\n  {shown}{more}"
             )
         for path, leaf in chosen:
             if not _is_floating(leaf):
@@ -434,6 +452,12 @@ def _eligible(leaf: Any, path: Path | None = None) -> bool:
     return _is_floating(leaf) and len(shape_of(leaf)) >= 2
 
 
+def _is_integer_weight(leaf: Any) -> bool:
+    """A non-floating leaf of two or more axes (an integer or quantized weight)."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and not _is_floating(leaf) and len(shape_of(leaf)) >= 2
+
+
 def _is_token_table(path: Path) -> bool:
     """Whether a module name of ``path`` reads as a token embedding (not positions/types)."""
     modules = [part.lower() for part in path.split("/")[:-1]]
@@ -442,13 +466,70 @@ def _is_token_table(path: Path) -> bool:
     )
 
 
-def _matches(selector: Any, path: Path, leaf: Any, *, need_matrix: bool) -> bool:
+#: Leaf names too common to name a weight: a list of names never matches them, so
+#: ``["kernel"]`` does not target every dense layer, while ``["gating_einsum"]`` matches
+#: the gm.nn weight leaf of that name.
+GENERIC_LEAF_NAMES = frozenset({"kernel", "weight", "w", "embedding", "value"})
+
+
+def path_names(path: Path) -> list[str]:
+    """The names a list selector of ``targets`` or ``exclude`` can match in ``path``.
+
+    These are the components of the module path, and the weight's own name unless it is
+    one of :data:`GENERIC_LEAF_NAMES`; an NNX variable's trailing ``value`` is not a
+    name of its own.
+    """
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] == "value":
+        parts = parts[:-1]
+    own = parts[-1]
+    return parts[:-1] + ([] if own in GENERIC_LEAF_NAMES else [own])
+
+
+def _matches(
+    selector: Any, path: Path, leaf: Any, *, need_matrix: bool, weight_names: bool = False
+) -> bool:
+    """Whether ``selector`` picks ``path``.
+
+    A list of names matches :func:`path_names` for targets (``need_matrix``) and with
+    ``weight_names`` (exclude), and any component of the path otherwise (trainable).
+    """
     if callable_selector(selector):
         return bool(selector(path, leaf))
     if need_matrix and not _eligible(leaf, path):
         return False
     if isinstance(selector, str):
         return compile_trusted(selector, what="LoraSpec selector").fullmatch(path) is not None
-    parts = path.split("/")
-    module_parts = parts[:-1] if need_matrix else parts
-    return any(name in module_parts for name in selector)
+    names = path_names(path) if need_matrix or weight_names else path.split("/")
+    return any(name in names for name in selector)
+
+
+def _unmatched(names: tuple[str, ...], paths: Sequence[Path]) -> tuple[list[str], str]:
+    """The listed names that match none of ``paths``, and a description of each."""
+    seen = {name for path in paths for name in path_names(path)}
+    missing = [name for name in names if name not in seen]
+    lines = []
+    for name in missing:
+        near = difflib.get_close_matches(name, sorted(seen), n=4, cutoff=0.5)
+        hint = f" (near: {', '.join(near)})" if near else ""
+        generic = (
+            " (a generic leaf name, which no list matches: use a regex)"
+            if name in GENERIC_LEAF_NAMES else ""
+        )  # fmt: skip
+        lines.append(f"{name!r}{generic}{hint}")
+    return missing, "; ".join(lines)
+
+
+def _check_names(names: tuple[str, ...], field: str, paths: Sequence[Path], what: str) -> None:
+    """Raise when a listed name of ``targets``/``exclude`` matches none of ``paths``."""
+    missing, described = _unmatched(names, paths)
+    if not missing:
+        return
+    shown = sorted({name for path in paths for name in path_names(path)})
+    more = f" ... and {len(shown) - 24} more" if len(shown) > 24 else ""
+    raise ValueError(
+        f"LoraSpec.{field}: {len(missing)} of {len(names)} listed names match no {what}: "
+        f"{described}. A name matches a module name of a path, or the weight's own "
+        f"name unless generic ({', '.join(sorted(GENERIC_LEAF_NAMES))}). Names here: "
+        f"{', '.join(shown[:24])}{more}"
+    )

@@ -59,7 +59,7 @@ from jlora._adapter import (
 )
 from jlora._paths import describe, leaves_with_paths, path_str, shape_of
 from jlora._regex import compile_untrusted, peft_match
-from jlora._spec import LoraSpec, _matches
+from jlora._spec import GENERIC_LEAF_NAMES, LoraSpec, _matches
 from jlora._tree import adapter_items, build_like
 from jlora._types import Adapters, Params, Path, Selector, is_int, is_real
 from jlora._weights import is_weight_node
@@ -112,7 +112,11 @@ class KeyMap:
     """Flax param path -> PyTorch module name, for models whose module names mirror PyTorch's.
 
     The module path of a leaf (its path without a leading ``params/``, a trailing
-    ``/value`` and the leaf's own name) must ``re.fullmatch`` ``modules``; each
+    ``/value`` and the leaf's own name) must ``re.fullmatch`` ``modules``. With
+    ``leaf_names=True`` a weight with a name of its own (not a generic one such as
+    ``kernel`` or ``w``) is its own module and keeps its name: gm.nn's
+    ``mlp/gating_einsum``, or the stacked ``mlp/gate_proj`` of an MoE layer, told apart
+    from its sibling ``mlp/up_proj``. Each
     ``(regex, replacement)`` of ``rename`` is then applied with ``re.sub``, and ``/``
     becomes ``.``. Hugging Face's Flax models use PyTorch's module names, so the
     built-in maps only list which modules exist and how kernels are stored.
@@ -125,6 +129,8 @@ class KeyMap:
       transposed: regex of module paths whose 2-D kernels are stored ``(out, in)``
         (Hugging Face Flax GPT-2's ``Conv1D``); other kernels are ``(in, out)``.
       fan_in_fan_out: PEFT's ``fan_in_fan_out`` for the config (True for ``Conv1D``).
+      leaf_names: whether ``modules`` and ``rename`` see a weight's own non-generic
+        name as the last component of its module path (:data:`GENERIC_LEAF_NAMES`).
 
     Example:
       >>> gpt2 = KEY_MAPS["gpt2"]
@@ -133,6 +139,8 @@ class KeyMap:
       >>> scanned = KeyMap("decoder", rename=((r"^layers/", "model/layers/{}/"),))
       >>> scanned("params/layers/query/kernel")
       'model.layers.{}.query'
+      >>> KeyMap("moe", leaf_names=True)("layers/0/mlp/gate_proj/value")  # a named leaf
+      'layers.0.mlp.gate_proj'
     """
 
     name: str
@@ -140,6 +148,7 @@ class KeyMap:
     rename: tuple[tuple[str, str], ...] = ()
     transposed: str | None = None
     fan_in_fan_out: bool = False
+    leaf_names: bool = False
 
     def __post_init__(self):
         patterns = [("modules", self.modules), ("transposed", self.transposed)]
@@ -154,7 +163,9 @@ class KeyMap:
                     ) from None
 
     def __call__(self, path: Path) -> str | None:
-        module, _ = module_path(path)
+        module, leaf = module_path(path)
+        if self.leaf_names and leaf not in GENERIC_LEAF_NAMES:  # its own module (gm.nn, MoE)
+            module = f"{module}/{leaf}" if module else leaf
         if not module or re.fullmatch(self.modules, module) is None:
             return None
         for regex, replacement in self.rename:
@@ -477,6 +488,8 @@ def _expert_params_of(path: Path, node: LoraAdapter, key_map: Callable, spec: Lo
         )
     transposed = layout.in_axes[0] > layout.out_axes[0]  # stored (E, out, in)
     param = module_path(path)[1]
+    if module.endswith(f".{param}"):  # a KeyMap names the parameter itself: keep its module
+        module = module[: -len(param) - 1]
     a_all, b_all = np.asarray(node.lora_a), np.asarray(node.lora_b)
     for index in np.ndindex(*layout.stack_shape[:n_outer]):
         a, b = a_all[index], b_all[index]  # (E, in, r), (E, r, out)

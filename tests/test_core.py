@@ -556,6 +556,46 @@ def test_targets_regex_names_callable_and_exclude():
     ]
 
 
+def test_target_names_match_non_generic_leaf_names_and_every_name_must_match():
+    params = {
+        "mlp": {"gating_einsum": jnp.ones((2, 4, 6)), "linear": jnp.ones((6, 4))},
+        "attn": {"q_einsum": {"w": jnp.ones((4, 2, 3))}},
+        "experts": {"w_in": jnp.ones((3, 4, 5)), "bias": jnp.ones((3, 5))},
+        "norm": {"scale": jnp.ones(4)},
+    }
+
+    def targeted(**kwargs):
+        return sorted(p for p, _ in jlora.LoraSpec(rank=1, **kwargs).select(params))
+
+    # the gm.nn weights that are leaves themselves, and a plain dict's expert weight
+    assert targeted(targets=["gating_einsum", "linear"]) == ["mlp/gating_einsum", "mlp/linear"]
+    assert targeted(targets=["w_in"]) == ["experts/w_in"]
+    assert targeted(targets=["mlp", "q_einsum"], exclude=["linear"]) == [
+        "attn/q_einsum/w", "mlp/gating_einsum"]
+    # a name that matches in part of the list is an error, with the near names
+    with pytest.raises(ValueError, match=r"1 of 2 listed names.*'gating'.*near: gating_einsum"):
+        targeted(targets=["gating", "linear"])
+    with pytest.raises(ValueError, match=r"LoraSpec.exclude: 1 of 1.*'lineer'.*near: linear"):
+        targeted(targets=["mlp"], exclude=["lineer"])
+    # a generic leaf name never matches by list, and the message says so
+    with pytest.raises(ValueError, match=r"'w' \(a generic leaf name"):
+        targeted(targets=["q_einsum", "w"])
+    # a bias or norm scale is no weight, even when named
+    with pytest.raises(ValueError, match=r"'scale'"):
+        targeted(targets=["linear", "scale"])
+    # nothing matching at all still lists the candidate paths, with the near names
+    with pytest.raises(ValueError, match=r"(?s)matches no leaf.*'linar'.*near: linear.*mlp/linear"):
+        targeted(targets=["linar"])
+
+
+def test_nnx_variable_paths_follow_the_same_name_rule():
+    spec = jlora.LoraSpec(rank=1, targets=["gate_proj"])
+    assert spec.is_target("layers/0/mlp/gate_proj/value", jnp.ones((3, 4, 5)))
+    assert spec.is_target("layers/0/mlp/gate_proj/kernel/value", jnp.ones((4, 5)))
+    assert not jlora.LoraSpec(rank=1, targets=["kernel"]).is_target(
+        "layers/0/mlp/gate_proj/kernel/value", jnp.ones((4, 5)))
+
+
 def test_gaussian_and_kaiming_init_statistics():
     params = {"w": jnp.ones((400, 300))}
     kaiming = jlora.init(jlora.LoraSpec(rank=8, targets="w"), params, jax.random.key(0))["w"]

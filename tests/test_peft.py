@@ -8,6 +8,7 @@ its output axes into rows, per layer of a stacked weight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -582,3 +583,14 @@ def test_load_onto_abstract_params(tmp_path):
     shapes = jax.eval_shape(lambda: params)
     loaded, _ = jlora.peft.load(tmp_path, shapes, key_map="flax")
     assert_same_adapters(loaded, adapters)
+
+
+def test_key_map_with_leaf_names_tells_apart_the_weights_under_one_moe_layer():
+    plain = jlora.peft.KeyMap("moe", rename=((r"^layers/(\d+)/", "model/layers/\\1/"),))
+    named = dataclasses.replace(plain, leaf_names=True)
+    paths = ["layers/0/mlp/gate_proj/value", "layers/0/mlp/up_proj/value"]
+    assert [plain(p) for p in paths] == ["model.layers.0.mlp"] * 2  # the old rule: one name
+    assert [named(p) for p in paths] == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    # generic leaf names stay off the module name
+    assert named("params/layers/0/attn/q_proj/kernel") == "model.layers.0.attn.q_proj"
