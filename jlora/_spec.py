@@ -305,8 +305,8 @@ class LoraSpec:
         leaves = leaves_with_paths(params, is_leaf=is_weight_node)
         if isinstance(self.targets, tuple):
             weights = [p for p, leaf in leaves if _eligible(leaf, p) or _is_integer_weight(leaf)]
-            if len(_unmatched(self.targets, weights)[0]) < len(self.targets):
-                _check_names(self.targets, "targets", weights, "weight (floating, ndim >= 2)")
+            _check_names(self.targets, "targets", weights, "weight (floating, ndim >= 2)",
+                         unless_all=True)  # fmt: skip
         if isinstance(self.exclude, tuple):
             _check_names(self.exclude, "exclude", [p for p, _ in leaves], "leaf")
         chosen = [(path, leaf) for path, leaf in leaves if self.is_target(path, leaf)]
@@ -434,11 +434,17 @@ def callable_selector(selector: Any) -> bool:
     return callable(selector) and not isinstance(selector, str)
 
 
-def _leaf_name(path: Path) -> str:
+def _split_leaf(path: Path) -> tuple[list[str], str]:
+    """``(module components, leaf name)`` of ``path``; an NNX variable's trailing
+    ``value`` (``.../kernel/value``) is not a name of its own."""
     parts = path.split("/")
-    if len(parts) > 1 and parts[-1] == "value":  # NNX variables: .../kernel/value
-        return parts[-2]
-    return parts[-1]
+    if len(parts) > 1 and parts[-1] == "value":
+        parts = parts[:-1]
+    return parts[:-1], parts[-1]
+
+
+def _leaf_name(path: Path) -> str:
+    return _split_leaf(path)[1]
 
 
 def _is_floating(leaf: Any) -> bool:
@@ -479,11 +485,8 @@ def path_names(path: Path) -> list[str]:
     one of :data:`GENERIC_LEAF_NAMES`; an NNX variable's trailing ``value`` is not a
     name of its own.
     """
-    parts = path.split("/")
-    if len(parts) > 1 and parts[-1] == "value":
-        parts = parts[:-1]
-    own = parts[-1]
-    return parts[:-1] + ([] if own in GENERIC_LEAF_NAMES else [own])
+    modules, own = _split_leaf(path)
+    return modules + ([] if own in GENERIC_LEAF_NAMES else [own])
 
 
 def _matches(
@@ -504,8 +507,11 @@ def _matches(
     return any(name in names for name in selector)
 
 
-def _unmatched(names: tuple[str, ...], paths: Sequence[Path]) -> tuple[list[str], str]:
-    """The listed names that match none of ``paths``, and a description of each."""
+def _unmatched(
+    names: tuple[str, ...], paths: Sequence[Path]
+) -> tuple[list[str], str, set[str]]:
+    """The listed names that match none of ``paths``, a description of each, and the
+    names ``paths`` hold."""
     seen = {name for path in paths for name in path_names(path)}
     missing = [name for name in names if name not in seen]
     lines = []
@@ -517,15 +523,19 @@ def _unmatched(names: tuple[str, ...], paths: Sequence[Path]) -> tuple[list[str]
             if name in GENERIC_LEAF_NAMES else ""
         )  # fmt: skip
         lines.append(f"{name!r}{generic}{hint}")
-    return missing, "; ".join(lines)
+    return missing, "; ".join(lines), seen
 
 
-def _check_names(names: tuple[str, ...], field: str, paths: Sequence[Path], what: str) -> None:
-    """Raise when a listed name of ``targets``/``exclude`` matches none of ``paths``."""
-    missing, described = _unmatched(names, paths)
-    if not missing:
+def _check_names(
+    names: tuple[str, ...], field: str, paths: Sequence[Path], what: str, *,
+    unless_all: bool = False,
+) -> None:
+    """Raise when a listed name of ``targets``/``exclude`` matches none of ``paths``;
+    with ``unless_all``, not when all of them miss (the caller's own message covers it)."""
+    missing, described, seen = _unmatched(names, paths)
+    if not missing or (unless_all and len(missing) == len(names)):
         return
-    shown = sorted({name for path in paths for name in path_names(path)})
+    shown = sorted(seen)
     more = f" ... and {len(shown) - 24} more" if len(shown) > 24 else ""
     raise ValueError(
         f"LoraSpec.{field}: {len(missing)} of {len(names)} listed names match no {what}: "
