@@ -380,6 +380,7 @@ def _flops(fn, *args):
     return float(cost["flops"])
 
 
+@pytest.mark.slow  # 27 s; benchmarks/train_step.py prints the same ratio
 def test_flops_match_hand_written_lora():
     from tests.models import HandLoraDecoder
 

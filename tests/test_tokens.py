@@ -56,7 +56,9 @@ def test_tokens_with_lora_equal_the_merged_model_on_a_tied_decoder(decoder, key)
     value_ref, grads_ref = jax.value_and_grad(loss_merged)(adapters)
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+        # An element of a gradient is a float32 sum of terms as large as the gradient's
+        # largest (up to ~200 here), so its rounding is relative to that, not to itself.
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-6 * float(np.max(np.abs(r))))
     merged = jlora.merge(params, adapters)["params"]["embed"]["embedding"]
     others = np.setdiff1d(np.arange(table.shape[0]), INDICES)
     np.testing.assert_array_equal(merged[others], table[others])  # every other row frozen
