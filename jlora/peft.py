@@ -472,8 +472,10 @@ def _expert_params_of(path: Path, node: LoraAdapter, key_map: Callable, spec: Lo
             "'{}' per stack axis but the last, which is the experts'"
         )
     matrix = [a for a in range(len(layout.weight_shape)) if a not in layout.stack_axes]
-    if layout.stack_axes != tuple(range(n_outer + 1)) or len(matrix) != 2 or (
-        len(layout.in_axes) != 1
+    if (
+        layout.stack_axes != tuple(range(n_outer + 1))
+        or len(matrix) != 2
+        or (len(layout.in_axes) != 1)
     ):
         raise ValueError(
             f"the expert weight at {path!r} has layout {layout}; PEFT's target_parameters "
@@ -907,8 +909,8 @@ def load(
         alpha_pattern=spec_alphas or None,
         dora=bool(config.get("use_dora", False)),
         lora_bias=bool(config.get("lora_bias", False)),
-        trainable_token_indices={path.split("/")[-2]: nodes[path].indices
-                                 for path in token_paths} or None,
+        trainable_token_indices={path.split("/")[-2]: nodes[path].indices for path in token_paths}
+        or None,
     )
     return build_like(params, nodes), spec
 
@@ -992,11 +994,13 @@ def _read_config(directory) -> dict[str, Any]:
     except OSError as error:
         raise FileFormatError(config_file, f"cannot be read ({error.strerror})") from None
     if not isinstance(config, dict):
-        raise FileFormatError(config_file, key="(top level)", expected="a JSON object",
-                              found=type(config).__name__)
+        raise FileFormatError(
+            config_file, key="(top level)", expected="a JSON object", found=type(config).__name__
+        )
     if config.get("peft_type", "LORA") != "LORA":
-        raise FileFormatError(config_file, key="peft_type", expected="'LORA'",
-                              found=config.get("peft_type"))
+        raise FileFormatError(
+            config_file, key="peft_type", expected="'LORA'", found=config.get("peft_type")
+        )
     _check_rank(config.get("r"), config_file, "r")
     _check_alpha(config.get("lora_alpha"), config_file, "lora_alpha")
     for field in _BOOLEANS:
@@ -1005,15 +1009,17 @@ def _read_config(directory) -> dict[str, Any]:
             raise FileFormatError(config_file, key=field, expected="true or false", found=value)
     dropout = config.get("lora_dropout")
     if dropout is not None and (not is_real(dropout) or not 0.0 <= dropout < 1.0):
-        raise FileFormatError(config_file, key="lora_dropout", expected="a number in [0, 1)",
-                              found=dropout)
+        raise FileFormatError(
+            config_file, key="lora_dropout", expected="a number in [0, 1)", found=dropout
+        )
     for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
         pattern = config.get(field)
         if pattern is None:
             continue
         if not isinstance(pattern, dict):
-            raise FileFormatError(config_file, key=field, expected="an object {regex: value}",
-                                  found=pattern)
+            raise FileFormatError(
+                config_file, key=field, expected="an object {regex: value}", found=pattern
+            )
         for regex, value in pattern.items():
             compile_untrusted(peft_match(regex), file=config_file, key=f"{field}[{regex!r}]")
             check(value, config_file, f"{field}[{regex!r}]")
@@ -1025,19 +1031,28 @@ def _read_config(directory) -> dict[str, Any]:
         elif value is not None and not (
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
-            raise FileFormatError(config_file, key=field,
-                                  expected="a regex string or a list of module names",
-                                  found=value)
+            raise FileFormatError(
+                config_file,
+                key=field,
+                expected="a regex string or a list of module names",
+                found=value,
+            )
     for field, what in _UNSUPPORTED.items():
         if config.get(field):
             raise FileFormatError(
-                config_file, f"uses {what}; jlora.peft loads plain LoRA adapters only",
-                key=field, expected="null or empty", found=config[field],
+                config_file,
+                f"uses {what}; jlora.peft loads plain LoRA adapters only",
+                key=field,
+                expected="null or empty",
+                found=config[field],
             )
     if config.get("bias", "none") != "none":
         raise FileFormatError(
-            config_file, "jlora.peft loads adapters with bias='none' only", key="bias",
-            expected="'none'", found=config["bias"],
+            config_file,
+            "jlora.peft loads adapters with bias='none' only",
+            key="bias",
+            expected="'none'",
+            found=config["bias"],
         )
     return config
 
@@ -1067,11 +1082,13 @@ def _read_tensors(directory) -> dict[str, np.ndarray]:
         raise FileFormatError(weights_file, f"cannot be read ({error.strerror})") from None
     for key, value in tensors.items():
         if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise FileFormatError(weights_file, key=key, expected="a floating-point tensor",
-                                  found=str(value.dtype))
+            raise FileFormatError(
+                weights_file, key=key, expected="a floating-point tensor", found=str(value.dtype)
+            )
         if not np.isfinite(value).all():
-            raise FileFormatError(weights_file, key=key, expected="finite values",
-                                  found="NaN or Inf")
+            raise FileFormatError(
+                weights_file, key=key, expected="finite values", found="NaN or Inf"
+            )
     return tensors
 
 
@@ -1121,26 +1138,34 @@ def _group(tensors: Mapping[str, np.ndarray], weights_file: str, tokens: dict | 
                 base_weights[base["module"]] = value
                 continue
             raise FileFormatError(
-                weights_file, "which is not a PEFT LoRA factor", key=key,
+                weights_file,
+                "which is not a PEFT LoRA factor",
+                key=key,
                 expected="base_model.model.<module>.lora_A.weight / lora_B.weight / "
                 "lora_embedding_A / lora_embedding_B",
             )
         factor = (found["linear"] or found["embedding"])[-1]
         kinds.setdefault(found["module"], set()).add("linear" if found["linear"] else "embedding")
         if value.ndim != 2:
-            raise FileFormatError(weights_file, key=key, expected="a 2-D tensor",
-                                  found=list(value.shape))
+            raise FileFormatError(
+                weights_file, key=key, expected="a 2-D tensor", found=list(value.shape)
+            )
         by_module.setdefault(found["module"], {})[factor] = value
     for module, factors in by_module.items():
         if len(kinds.get(module, ())) > 1:
             raise FileFormatError(
-                weights_file, key=module,
+                weights_file,
+                key=module,
                 expected="either lora_A/lora_B or lora_embedding_A/lora_embedding_B",
                 found="both",
             )
         if set(factors) - {"M", "bias"} != {"A", "B"}:
-            raise FileFormatError(weights_file, key=module, expected="both lora_A and lora_B",
-                                  found=f"lora_{''.join(sorted(factors))} only")
+            raise FileFormatError(
+                weights_file,
+                key=module,
+                expected="both lora_A and lora_B",
+                found=f"lora_{''.join(sorted(factors))} only",
+            )
     return by_module, base_weights
 
 
@@ -1174,7 +1199,8 @@ def _token_entries(config, token_rows, config_file, weights_file) -> dict[str, t
         raise FileFormatError(
             weights_file if indices else config_file,
             "trainable_token_indices and the token_adapter tensors disagree",
-            key="trainable_token_indices", expected="both or neither",
+            key="trainable_token_indices",
+            expected="both or neither",
             found=f"indices {indices!r}, tensors for {sorted(token_rows)}",
         )
     if isinstance(indices, Mapping):
@@ -1189,27 +1215,37 @@ def _token_entries(config, token_rows, config_file, weights_file) -> dict[str, t
     for name, group in pairs:
         if not isinstance(group, list) or not group or not all(is_int(i) and i >= 0
                                                               for i in group):  # fmt: skip
-            raise FileFormatError(config_file, key=f"trainable_token_indices[{name!r}]",
-                                  expected="a non-empty list of token indices", found=group)
+            raise FileFormatError(
+                config_file,
+                key=f"trainable_token_indices[{name!r}]",
+                expected="a non-empty list of token indices",
+                found=group,
+            )
         modules = [m for m in token_rows if m == name or m.endswith(f".{name}")]
         if len(modules) != 1:
             raise FileFormatError(
-                weights_file, key=f"trainable_token_indices[{name!r}]",
+                weights_file,
+                key=f"trainable_token_indices[{name!r}]",
                 expected="one token_adapter tensor for the module it names",
                 found=sorted(token_rows),
             )
         rows = token_rows[modules[0]]
         if rows.shape[0] != len(group) or len(set(group)) != len(group):
             raise FileFormatError(
-                weights_file, key=f"{modules[0]}.{TOKENS}",
+                weights_file,
+                key=f"{modules[0]}.{TOKENS}",
                 expected=f"{len(group)} rows for distinct indices {group}",
                 found=list(rows.shape),
             )
         entries[modules[0]] = (tuple(int(i) for i in group), rows)
     unnamed = sorted(set(token_rows) - set(entries))
     if unnamed:
-        raise FileFormatError(weights_file, key=f"{unnamed[0]}.{TOKENS}",
-                              expected="indices for it in trainable_token_indices", found="none")
+        raise FileFormatError(
+            weights_file,
+            key=f"{unnamed[0]}.{TOKENS}",
+            expected="indices for it in trainable_token_indices",
+            found="none",
+        )
     return entries
 
 
@@ -1234,13 +1270,15 @@ def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dic
     dora = bool(config.get("use_dora"))
     for module, factors in by_module.items():
         rank = _peft_value(config.get("rank_pattern") or {}, module, config["r"], config_file)
-        alpha = _peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"],
-                            config_file)
+        alpha = _peft_value(
+            config.get("alpha_pattern") or {}, module, config["lora_alpha"], config_file
+        )
         if factors["A"].shape[0] != rank or factors["B"].shape[1] != rank:
             raise FileFormatError(
                 weights_file,
                 f"the config ({CONFIG_NAME}: r / rank_pattern) gives it rank {rank}",
-                key=module, expected=f"lora_A of {rank} rows and lora_B of {rank} columns",
+                key=module,
+                expected=f"lora_A of {rank} rows and lora_B of {rank} columns",
                 found=f"lora_A {list(factors['A'].shape)}, lora_B {list(factors['B'].shape)}",
             )
         if not _targeted(config, module, config_file) or _excluded(config, module, config_file):
@@ -1248,7 +1286,8 @@ def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dic
                 config_file,
                 f"the weights file adapts {module!r}, which the config's target_modules / "
                 "exclude_modules leave out: the files disagree",
-                key="target_modules", expected=f"a selection that includes {module!r}",
+                key="target_modules",
+                expected=f"a selection that includes {module!r}",
                 found=config.get("target_modules"),
             )
         if bool(config.get("lora_bias")) != ("bias" in factors):
@@ -1256,12 +1295,14 @@ def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dic
             raise FileFormatError(
                 weights_file,
                 f"the config sets lora_bias={str(has).lower()}: the files disagree",
-                key=module, expected=f"{'a' if has else 'no'} lora_B.bias",
+                key=module,
+                expected=f"{'a' if has else 'no'} lora_B.bias",
                 found="none" if has else "one",
             )
         if "bias" in factors and factors["bias"].shape != (factors["B"].shape[0],):
             raise FileFormatError(
-                weights_file, key=f"{module}.lora_B.bias",
+                weights_file,
+                key=f"{module}.lora_B.bias",
                 expected=f"{factors['B'].shape[0]} values (lora_B's rows)",
                 found=list(factors["bias"].shape),
             )
@@ -1269,7 +1310,8 @@ def _read_adapter(directory) -> tuple[dict[str, Any], dict[str, np.ndarray], dic
             raise FileFormatError(
                 weights_file,
                 f"the config sets use_dora={str(dora).lower()}: the files disagree",
-                key=module, expected=f"{'a' if dora else 'no'} {MAGNITUDE}",
+                key=module,
+                expected=f"{'a' if dora else 'no'} {MAGNITUDE}",
                 found="none" if dora else "one",
             )
         factors["rank"], factors["alpha"] = rank, float(alpha)
@@ -1460,8 +1502,10 @@ def _magnitude(factors, module, path, layout, dora: bool, weights_file) -> np.nd
     # Linear and Embedding store (out,); PEFT's convolutions keep (1, out, 1, ...).
     if magnitude.size != layout.out_features or max(magnitude.shape, default=0) != magnitude.size:
         raise FileFormatError(
-            weights_file, f"the weight at {path!r} has {layout.out_features} output features",
-            key=f"{module}.{MAGNITUDE}", expected=f"{layout.out_features} values",
+            weights_file,
+            f"the weight at {path!r} has {layout.out_features} output features",
+            key=f"{module}.{MAGNITUDE}",
+            expected=f"{layout.out_features} values",
             found=list(magnitude.shape),
         )
     return magnitude.reshape(layout.out_features)
@@ -1490,7 +1534,8 @@ def _factors(factors, module, path, layout, rank, weights_file) -> tuple[np.ndar
             f"the adapter is for another model: the weight at {path!r} (shape "
             f"{list(layout.weight_shape)}, {layout.in_features} inputs, "
             f"{layout.out_features} outputs) at rank {rank} needs other factors",
-            key=module, expected=f"lora_A {list(want_a)} and lora_B {list(want_b)}",
+            key=module,
+            expected=f"lora_A {list(want_a)} and lora_B {list(want_b)}",
             found=f"lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)}",
         )
     return lora_a, lora_b
