@@ -131,6 +131,23 @@ class KeyMap:
       fan_in_fan_out: PEFT's ``fan_in_fan_out`` for the config (True for ``Conv1D``).
       leaf_names: whether ``modules`` and ``rename`` see a weight's own non-generic
         name as the last component of its module path (:data:`GENERIC_LEAF_NAMES`).
+      fused: ``(regex, parts)`` for fused kernels: a module path that ``re.fullmatch`` es
+        ``regex`` holds several PyTorch modules, whose names replace the last component
+        of its name (gm.nn's ``qkv_einsum`` -> ``("q_proj", "k_proj", "v_proj")``). The
+        weight's leading output axis (in axis order) indexes the parts, one each. On
+        export the adapter's one A is every part's A and its B is sliced, which is
+        exact at the same rank; on import the parts' different A's are concatenated,
+        so the adapter's rank is the sum of theirs (also exact) unless their A's and
+        scales are equal, as in a file jlora wrote.
+      embeddings: regex of module paths whose weight is a lookup table ``(vocab, dim)``
+        written as a PEFT embedding adapter (``lora_embedding_A``/``_B``), besides leaves
+        named ``embedding``.
+      tied_head: the PyTorch name of an output head that shares the embedding's weight
+        (tied embeddings, as every Gemma): the one adapter on the shared table is
+        written to the embedding and, transposed, to this head, since PEFT adapts the
+        two modules apart; on import the two must agree.
+      vllm_modules: regex of the PyTorch module names vLLM serves LoRA on for this
+        family; ``save(..., target="vllm")`` refuses the others. None: not checked.
 
     Example:
       >>> gpt2 = KEY_MAPS["gpt2"]
@@ -141,6 +158,9 @@ class KeyMap:
       'model.layers.{}.query'
       >>> KeyMap("moe", leaf_names=True)("layers/0/mlp/gate_proj/value")  # a named leaf
       'layers.0.mlp.gate_proj'
+      >>> gemma = KEY_MAPS["gemma"]
+      >>> gemma.parts("layer_0/attn/kv_einsum/w")  # one fused kernel, two PyTorch modules
+      ('model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj')
     """
 
     name: str
@@ -149,10 +169,22 @@ class KeyMap:
     transposed: str | None = None
     fan_in_fan_out: bool = False
     leaf_names: bool = False
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    embeddings: str | None = None
+    tied_head: str | None = None
+    vllm_modules: str | None = None
 
     def __post_init__(self):
         patterns = [("modules", self.modules), ("transposed", self.transposed)]
         patterns += [("rename", regex) for regex, _ in self.rename]
+        patterns += [("fused", regex) for regex, _ in self.fused]
+        patterns += [("embeddings", self.embeddings), ("vllm_modules", self.vllm_modules)]
+        for regex, parts in self.fused:
+            if len(parts) < 2 or not all(isinstance(p, str) and p for p in parts):
+                raise ValueError(
+                    f"KeyMap {self.name!r}: fused {regex!r} needs two or more part names; "
+                    f"found {parts!r}"
+                )
         for field, regex in patterns:
             if regex is not None:
                 try:
@@ -162,10 +194,34 @@ class KeyMap:
                         f"KeyMap {self.name!r}: {field} {regex!r} is not a valid regex: {error}"
                     ) from None
 
-    def __call__(self, path: Path) -> str | None:
+    def _module(self, path: Path) -> str:
         module, leaf = module_path(path)
         if self.leaf_names and leaf not in GENERIC_LEAF_NAMES:  # its own module (gm.nn, MoE)
             module = f"{module}/{leaf}" if module else leaf
+        return module
+
+    def parts(self, path: Path) -> tuple[str, ...] | None:
+        """The PyTorch module names of a fused kernel's parts (None: not fused)."""
+        name = self(path)
+        if name is None:
+            return None
+        module = self._module(path)
+        for regex, parts in self.fused:
+            if re.fullmatch(regex, module) is not None:
+                head = name.rsplit(".", 1)[0] + "." if "." in name else ""
+                return tuple(head + part for part in parts)
+        return None
+
+    def is_embedding(self, path: Path) -> bool:
+        """Whether the weight at ``path`` is a lookup table (a PEFT embedding adapter)."""
+        if module_path(path)[1] == "embedding":
+            return True
+        return self.embeddings is not None and (
+            re.fullmatch(self.embeddings, self._module(path)) is not None
+        )
+
+    def __call__(self, path: Path) -> str | None:
+        module = self._module(path)
         if not module or re.fullmatch(self.modules, module) is None:
             return None
         for regex, replacement in self.rename:
@@ -221,6 +277,72 @@ KEY_MAPS: dict[str, KeyMap] = {
 }
 
 
+_TUNIX_RENAME = (
+    (r"^embedder/input_embedding$", "model/embed_tokens"),
+    (r"^layers/(\d+)/attn/", r"model/layers/\1/self_attn/"),
+    (r"^layers/", "model/layers/"),
+)
+# What vLLM serves LoRA on in these families: the attention and MLP projections (its
+# Llama, Qwen 3 and Gemma 3 classes list no embedding modules for LoRA).
+_VLLM_DECODER = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+_TUNIX_DECODER = KeyMap(
+    "tunix",
+    modules=(
+        r"embedder/input_embedding|lm_head"
+        r"|layers/\d+/(attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))"
+    ),
+    rename=_TUNIX_RENAME,
+    leaf_names=True,
+    embeddings=r"embedder/input_embedding",
+    vllm_modules=_VLLM_DECODER,
+)
+_GEMMA_ATTENTION = (
+    (r"/attn/q_einsum$", "/attn/q_proj"),
+    (r"/attn/kv_einsum$", "/attn/kv_proj"),
+    (r"/attn/qkv_einsum$", "/attn/qkv_proj"),
+    (r"/attn/attn_vec_einsum$", "/attn/o_proj"),
+)
+_GEMMA_FUSED = (
+    (r".*/attn/qkv_einsum", ("q_proj", "k_proj", "v_proj")),
+    (r".*/attn/kv_einsum", ("k_proj", "v_proj")),
+)
+KEY_MAPS["tunix-llama3"] = dataclasses.replace(_TUNIX_DECODER, name="tunix-llama3")
+KEY_MAPS["tunix-qwen3"] = dataclasses.replace(_TUNIX_DECODER, name="tunix-qwen3")
+KEY_MAPS["tunix-gemma3"] = KeyMap(
+    "tunix-gemma3",
+    modules=(
+        r"embedder/input_embedding|layers/\d+/(attn/(q_einsum|kv_einsum|qkv_einsum"
+        r"|attn_vec_einsum)|mlp/(gate_proj|up_proj|down_proj))"
+    ),
+    rename=(*_GEMMA_ATTENTION, *_TUNIX_RENAME),
+    leaf_names=True,
+    fused=_GEMMA_FUSED,
+    embeddings=r"embedder/input_embedding",
+    tied_head="lm_head",
+    vllm_modules=_VLLM_DECODER,
+)
+KEY_MAPS["gemma"] = KeyMap(
+    "gemma",
+    modules=(
+        r"embedder/input_embedding|layer_\d+/(attn/(q_einsum|kv_einsum|qkv_einsum"
+        r"|attn_vec_einsum)|mlp/(gating_einsum|linear))"
+    ),
+    rename=(
+        *_GEMMA_ATTENTION,
+        (r"/mlp/gating_einsum$", "/mlp/gate_up_proj"),
+        (r"/mlp/linear$", "/mlp/down_proj"),
+        (r"^embedder/input_embedding$", "model/embed_tokens"),
+        (r"^layer_(\d+)/attn/", r"model/layers/\1/self_attn/"),
+        (r"^layer_(\d+)/", r"model/layers/\1/"),
+    ),
+    leaf_names=True,
+    fused=(*_GEMMA_FUSED, (r".*/mlp/gating_einsum", ("gate_proj", "up_proj"))),
+    embeddings=r"embedder/input_embedding",
+    tied_head="lm_head",
+    vllm_modules=_VLLM_DECODER,
+)
+
+
 def _resolve_key_map(key_map: KeyMapLike) -> Callable[[Path], str | None]:
     if isinstance(key_map, str):
         if key_map not in KEY_MAPS:
@@ -241,8 +363,9 @@ def _key_map_name(key_map: Callable) -> str:
     return getattr(key_map, "name", getattr(key_map, "__name__", repr(key_map)))
 
 
-def _is_embedding(path: Path) -> bool:
-    return module_path(path)[1] == "embedding"
+def _is_embedding(path: Path, key_map: Callable | None = None) -> bool:
+    rule = getattr(key_map, "is_embedding", None)
+    return rule(path) if rule is not None else module_path(path)[1] == "embedding"
 
 
 # -- saving ---------------------------------------------------------------------------
@@ -400,7 +523,7 @@ def save(
             modules[name] = (path, node)
             a_name, b_name = (
                 ("lora_embedding_A", "lora_embedding_B")
-                if _is_embedding(path)
+                if _is_embedding(path, key_map) and name == key_map(path)
                 else ("lora_A.weight", "lora_B.weight")
             )
             tensors[f"{PREFIX}{name}.{a_name}"] = np.ascontiguousarray(a_in_r.T)
@@ -409,10 +532,20 @@ def save(
                 tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(magnitude)
             if bias is not None:  # lora_bias: lora_B's own bias, one value per output
                 tensors[f"{PREFIX}{name}.lora_B.bias"] = np.ascontiguousarray(bias)
+    served = getattr(key_map, "vllm_modules", None)
+    if target == "vllm" and served is not None:
+        for name, (path, _node) in sorted(modules.items()):
+            if re.fullmatch(served, name) is None:
+                raise ValueError(
+                    f"vLLM serves LoRA for key_map {_key_map_name(key_map)!r} on the "
+                    f"attention and MLP projections only; the adapter at {path!r} is for "
+                    f"{name!r}: merge it into the base (jlora.merge) and serve that, or "
+                    "leave it out of targets"
+                )
     if any(isinstance(node, LoraBiasAdapter) for _, node in modules.values()):
         # PEFT's lora_bias is one switch: every lora_B has a bias (zero for plain LoRA).
         for name, (path, _node) in modules.items():
-            if _is_embedding(path):
+            if _is_embedding(path, key_map):
                 raise ValueError(
                     f"PEFT's lora_bias is one switch for the whole adapter, and it refuses "
                     f"embedding layers: {path!r} is an embedding; save it apart"
@@ -700,11 +833,47 @@ def _modules_of(path: Path, node: LoraAdapter, key_map: Callable):
     lora_b = np.asarray(node.lora_b)
     magnitude = np.asarray(node.magnitude) if isinstance(node, DoraAdapter) else None
     bias = np.asarray(node.lora_bias) if isinstance(node, LoraBiasAdapter) else None
+    parts = _parts_of(path, layout, key_map)
+    head = getattr(key_map, "tied_head", None) if _is_embedding(path, key_map) else None
+    if head is not None and (layout.stack_axes or magnitude is not None or bias is not None):
+        raise ValueError(
+            f"the adapter at {path!r} is on an embedding tied to the output head {head!r}; "
+            "PEFT adapts the two apart, so jlora writes the one update to both, which "
+            "needs a plain LoRA adapter on an unstacked table (not DoRA or lora_bias)"
+        )
     stack_shape = layout.stack_shape
     for index in np.ndindex(*stack_shape):
         m = None if magnitude is None else magnitude[index]
         b = None if bias is None else bias[index]
-        yield name.format(*index), lora_a[index], lora_b[index], m, b
+        if parts is None:
+            yield name.format(*index), lora_a[index], lora_b[index], m, b
+        else:  # one shared A, B sliced at the parts' output features: exact
+            width = lora_b.shape[-1] // len(parts)
+            for k, part in enumerate(parts):
+                cut = slice(k * width, (k + 1) * width)
+                m_k = None if m is None else m[..., cut]
+                b_k = None if b is None else b[..., cut]
+                yield part.format(*index), lora_a[index], lora_b[index][..., cut], m_k, b_k
+        if head is not None:  # the tied head: out = vocab, in = dim; the same update
+            yield head, lora_b[index].T, lora_a[index].T, None, None
+
+
+def _parts_of(path: Path, layout: Layout, key_map: Callable) -> tuple[str, ...] | None:
+    """The fused kernel's part names, checked against its layout (None: not fused)."""
+    rule = getattr(key_map, "parts", None)
+    parts = rule(path) if rule is not None else None
+    if parts is None:
+        return None
+    lead = min(layout.out_axes)
+    if layout.weight_shape[lead] != len(parts):
+        raise ValueError(
+            f"key_map {_key_map_name(key_map)!r} splits the fused weight at {path!r} into "
+            f"{len(parts)} modules {list(parts)} along its leading output axis, but that "
+            f"axis ({lead}) has size {layout.weight_shape[lead]} (shape "
+            f"{list(layout.weight_shape)}, layout {layout}); create the adapters with "
+            "jlora.init(..., fn=<model>, args=<example inputs>) so the layout is learned"
+        )
+    return parts
 
 
 def _number(value: float) -> float | int:
@@ -859,6 +1028,7 @@ def load(
     key_map = _resolve_key_map(key_map)
     directory = _io.existing(directory)
     config, _, by_module, base_weights, weights_file = _read_adapter(directory)
+    by_module = _join_modules(by_module, params, key_map, config, weights_file)
     where = _locate(by_module, params, key_map, weights_file)
     _check_base_weights(base_weights, params, key_map, weights_file)
 
@@ -1411,6 +1581,127 @@ def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, 
                 "is this adapter for another model, or do you need another key_map?"
             )
     return where
+
+
+def _join_modules(by_module, params, key_map, config, weights_file) -> dict[str, dict[str, Any]]:
+    """The file's modules as jlora's weights hold them: the parts of a fused kernel
+    (``KeyMap.fused``) become one entry under the kernel's own name, and a tied head
+    (``KeyMap.tied_head``) folds into its embedding."""
+    parts_rule = getattr(key_map, "parts", None)
+    head = getattr(key_map, "tied_head", None)
+    if parts_rule is None and head is None:
+        return by_module
+    by_module = dict(by_module)
+    rslora = bool(config.get("use_rslora"))
+    for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):
+        if not _is_weight(leaf) or key_map(path) is None:
+            continue
+        if head is not None and head in by_module and _is_embedding(path, key_map):
+            by_module.pop(_tied_head(by_module, key_map(path), head, weights_file))
+        parts = parts_rule(path) if parts_rule is not None else None
+        if parts is None:
+            continue
+        for index, names in _part_groups(parts, by_module):
+            fused = key_map(path).format(*index)
+            by_module[fused] = _joined(
+                [by_module.pop(n, None) for n in names], names, path, rslora, weights_file
+            )
+    if head is not None and head in by_module:
+        raise FileFormatError(
+            weights_file, f"key_map {_key_map_name(key_map)!r} ties the output head to the "
+            "embedding, so a LoRA on the head alone changes a weight the lookup shares",
+            key=head, expected=f"{head} with the embedding's own update, or no {head}",
+            found=f"{head} alone",
+        )  # fmt: skip
+    return by_module
+
+
+def _tied_head(by_module, embedding: str, head: str, weights_file) -> str:
+    """Check that the head's factors are the embedding's transposed (one tied update)."""
+    emb, out = by_module.get(embedding), by_module[head]
+    same = emb is not None and (
+        np.array_equal(out["A"], emb["B"].T) and np.array_equal(out["B"], emb["A"].T)
+        and math.isclose(out["scale"], emb["scale"]) and not ({"M", "bias"} & set(out))
+    )  # fmt: skip
+    if not same:
+        raise FileFormatError(
+            weights_file, f"the output head {head!r} is tied to {embedding!r} in this model "
+            "family, and jlora holds one update for the shared table",
+            key=head, expected=f"the factors of {embedding!r}, transposed",
+            found="other factors" if emb is not None else f"no adapter on {embedding!r}",
+        )  # fmt: skip
+    return head
+
+
+def _part_groups(parts: tuple[str, ...], by_module) -> list[tuple[tuple[int, ...], list[str]]]:
+    """``(stack index, part names)`` for each layer with at least one part in the file."""
+    if not any("{}" in p for p in parts):
+        return [((), list(parts))] if any(p in by_module for p in parts) else []
+    indices = set()
+    for part in parts:
+        regex = re.compile("".join(
+            r"(\d+)" if bit == "{}" else re.escape(bit) for bit in re.split(r"(\{\})", part)
+        ))  # fmt: skip
+        for module in by_module:
+            found = regex.fullmatch(module)
+            if found:
+                indices.add(tuple(int(i) for i in found.groups()))
+    return [(i, [p.format(*i) for p in parts]) for i in sorted(indices)]
+
+
+def _joined(entries, names, path, rslora: bool, weights_file) -> dict[str, Any]:
+    """One module entry for a fused kernel from its parts' (None: absent from the file).
+
+    Parts with equal A's and scales (a file jlora wrote) share them: B is stacked, at
+    the same rank. Otherwise the A's are concatenated and B is block-diagonal, each
+    part's block scaled to the first part's scale: rank = the sum of the parts' ranks,
+    the same update exactly; an absent part's block is zero."""
+    present = [(k, e) for k, e in enumerate(entries) if e is not None]
+    widths = {e["B"].shape[0] for _, e in present}
+    if len(widths) > 1:
+        raise FileFormatError(
+            weights_file, f"the modules {names} are the parts of one fused weight at {path!r}",
+            key=names[present[0][0]], expected="parts with equal output features",
+            found=f"lora_B rows {[e['B'].shape[0] for _, e in present]}",
+        )  # fmt: skip
+    width, first = widths.pop(), present[0][1]
+    dora, bias = "M" in first, "bias" in first
+    if dora and len(present) < len(entries):
+        missing = [n for n, e in zip(names, entries) if e is None]
+        raise FileFormatError(
+            weights_file, f"a DoRA magnitude covers every output of the fused weight at "
+            f"{path!r}", key=missing[0], expected=f"all of {names}", found="absent",
+        )  # fmt: skip
+    shared = len(present) == len(entries) and all(
+        np.array_equal(e["A"], first["A"]) and math.isclose(e["scale"], first["scale"])
+        for _, e in present
+    )
+    dtype = first["B"].dtype
+    if shared:
+        entry = dict(first, B=np.concatenate([e["B"] for e in entries]))
+    else:
+        rank = sum(e["rank"] for _, e in present)
+        joined_b = np.zeros((width * len(entries), rank), dtype)
+        offset = 0
+        for k, e in present:
+            ratio = e["scale"] / first["scale"]
+            block = e["B"] if ratio == 1 else (e["B"].astype(np.float64) * ratio).astype(dtype)
+            joined_b[k * width : (k + 1) * width, offset : offset + e["rank"]] = block
+            offset += e["rank"]
+        entry = {
+            "A": np.concatenate([e["A"] for _, e in present]),
+            "B": joined_b,
+            "rank": rank,
+            "alpha": first["scale"] * scale_denominator(rank, rslora),
+            "scale": first["scale"],
+        }
+    if dora:
+        entry["M"] = np.concatenate([np.reshape(e["M"], -1) for e in entries])
+    if bias:
+        entry["bias"] = np.concatenate([
+            e["bias"] if e is not None else np.zeros(width, first["bias"].dtype) for e in entries
+        ])  # fmt: skip
+    return entry
 
 
 def _is_weight(leaf: Any) -> bool:
