@@ -538,7 +538,7 @@ def save(
             if re.fullmatch(served, name) is None:
                 raise ValueError(
                     f"vLLM serves LoRA for key_map {_key_map_name(key_map)!r} on the "
-                    f"attention and MLP projections only; the adapter at {path!r} is for "
+                    f"modules matching {served!r} only; the adapter at {path!r} is for "
                     f"{name!r}: merge it into the base (jlora.merge) and serve that, or "
                     "leave it out of targets"
                 )
@@ -1557,10 +1557,7 @@ def _locate(by_module, params, key_map, weights_file) -> dict[Path, dict[tuple, 
         if name is None:
             continue
         if "{}" in name:
-            regex = "".join(
-                r"(\d+)" if part == "{}" else re.escape(part) for part in re.split(r"(\{\})", name)
-            )
-            stacked.append((re.compile(regex), path))
+            stacked.append((_field_regex(name), path))
         else:
             exact.setdefault(name, path)
     where: dict[Path, dict[tuple, str]] = {}
@@ -1594,16 +1591,17 @@ def _join_modules(by_module, params, key_map, config, weights_file) -> dict[str,
     by_module = dict(by_module)
     rslora = bool(config.get("use_rslora"))
     for path, leaf in leaves_with_paths(params, is_leaf=is_weight_node):
-        if not _is_weight(leaf) or key_map(path) is None:
+        name = key_map(path) if _is_weight(leaf) else None
+        if name is None:
             continue
         if head is not None and head in by_module and _is_embedding(path, key_map):
-            by_module.pop(_tied_head(by_module, key_map(path), head, weights_file))
+            _check_tied_head(by_module, name, head, weights_file)
+            del by_module[head]
         parts = parts_rule(path) if parts_rule is not None else None
         if parts is None:
             continue
         for index, names in _part_groups(parts, by_module):
-            fused = key_map(path).format(*index)
-            by_module[fused] = _joined(
+            by_module[name.format(*index)] = _joined(
                 [by_module.pop(n, None) for n in names], names, path, rslora, weights_file
             )
     if head is not None and head in by_module:
@@ -1616,7 +1614,7 @@ def _join_modules(by_module, params, key_map, config, weights_file) -> dict[str,
     return by_module
 
 
-def _tied_head(by_module, embedding: str, head: str, weights_file) -> str:
+def _check_tied_head(by_module, embedding: str, head: str, weights_file) -> None:
     """Check that the head's factors are the embedding's transposed (one tied update)."""
     emb, out = by_module.get(embedding), by_module[head]
     same = emb is not None and (
@@ -1630,7 +1628,6 @@ def _tied_head(by_module, embedding: str, head: str, weights_file) -> str:
             key=head, expected=f"the factors of {embedding!r}, transposed",
             found="other factors" if emb is not None else f"no adapter on {embedding!r}",
         )  # fmt: skip
-    return head
 
 
 def _part_groups(parts: tuple[str, ...], by_module) -> list[tuple[tuple[int, ...], list[str]]]:
@@ -1639,9 +1636,7 @@ def _part_groups(parts: tuple[str, ...], by_module) -> list[tuple[tuple[int, ...
         return [((), list(parts))] if any(p in by_module for p in parts) else []
     indices = set()
     for part in parts:
-        regex = re.compile("".join(
-            r"(\d+)" if bit == "{}" else re.escape(bit) for bit in re.split(r"(\{\})", part)
-        ))  # fmt: skip
+        regex = _field_regex(part)
         for module in by_module:
             found = regex.fullmatch(module)
             if found:
@@ -1702,6 +1697,13 @@ def _joined(entries, names, path, rslora: bool, weights_file) -> dict[str, Any]:
             e["bias"] if e is not None else np.zeros(width, first["bias"].dtype) for e in entries
         ])  # fmt: skip
     return entry
+
+
+def _field_regex(name: str) -> re.Pattern:
+    """A regex of the concrete names of a stacked module name: each ``{}`` a layer index."""
+    return re.compile(
+        "".join(r"(\d+)" if bit == "{}" else re.escape(bit) for bit in re.split(r"(\{\})", name))
+    )
 
 
 def _is_weight(leaf: Any) -> bool:

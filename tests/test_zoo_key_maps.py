@@ -18,6 +18,7 @@ import safetensors.numpy
 import jlora
 import jlora.peft
 from jlora.errors import FileFormatError
+from tests.test_peft import perturb, read
 
 V, D, N, H, F = 16, 8, 2, 4, 6
 TOKENS = jnp.array([[1, 5, 9, 3], [7, 2, 11, 4]])
@@ -56,16 +57,7 @@ TARGETS = ["input_embedding", "q_einsum", "kv_einsum", "attn_vec_einsum", "gatin
 
 def random_adapters(params, spec, seed=0):
     adapters = jlora.init(spec, params, jax.random.key(seed), fn=fn, args=(TOKENS,))
-    rng = np.random.default_rng(seed)
-    leaves, tree = jax.tree.flatten(adapters)
-    noisy = [jnp.asarray(rng.normal(size=x.shape).astype(np.float32)) for x in leaves]
-    return jax.tree.unflatten(tree, noisy)
-
-
-def read_file(directory):
-    tensors = safetensors.numpy.load_file(f"{directory}/{jlora.peft.WEIGHTS_NAME}")
-    with open(f"{directory}/{jlora.peft.CONFIG_NAME}") as f:
-        return json.load(f), tensors
+    return perturb(adapters, seed, scale=1.0)
 
 
 def test_fused_kernels_become_their_modules_with_a_shared_a_and_sliced_b(tmp_path):
@@ -73,7 +65,7 @@ def test_fused_kernels_become_their_modules_with_a_shared_a_and_sliced_b(tmp_pat
     spec = jlora.LoraSpec(rank=2, alpha=6.0, targets=TARGETS)
     adapters = random_adapters(params, spec)
     jlora.peft.save(tmp_path, adapters, spec, key_map="gemma")
-    config, tensors = read_file(tmp_path)
+    config, tensors = read(tmp_path)
     prefix = "base_model.model.model.layers.0."
     assert sorted(config["target_modules"]) == sorted(
         [f"model.layers.0.self_attn.{m}_proj" for m in "qkvo"]
@@ -165,7 +157,7 @@ def test_vllm_target_refuses_the_embedding_of_these_families(tmp_path):
     spec = jlora.LoraSpec(rank=8, alpha=16.0, targets=TARGETS[1:-1])
     jlora.peft.save(tmp_path / "b", random_adapters(params, spec), spec, key_map="gemma",
                     target="vllm")  # fmt: skip
-    assert "lm_head" not in read_file(tmp_path / "b")[0]["target_modules"]
+    assert "lm_head" not in read(tmp_path / "b")[0]["target_modules"]
 
 
 def test_tunix_names_map_to_hugging_face_modules():
