@@ -5,9 +5,10 @@ and gemma need transformers 5 and TensorFlow, which the main test extra cannot h
 Each family: a small random model on both sides with the same weights, jlora adapters
 on every attention and MLP projection (random, so every factor shows), exported with
 the family's built-in key map, loaded by ``PeftModel.from_pretrained`` (torch CPU), and
-the logits compared to jlora's own, factored, to 1e-4. The weights cross by the
-libraries' own converters where they have one (tunix's safetensors loader for Llama 3
-and Qwen 3), else by a table in this file that the base logits check first.
+the logits compared to jlora's own, factored, to 1e-4, after the two bases' logits
+are. The weights cross by the libraries' own converters where they have one (tunix's
+safetensors loaders for Llama 3, Qwen 3 and Gemma 3), else by a table in this file
+(gm.nn).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def torch_logits(model, tokens):
         return model(torch.from_numpy(tokens)).logits.float().numpy()
 
 
-def check_export(tmp_path, fn, state, torch_model, key_map, targets, *, rank=8, alpha=16.0):
+def check_export(
+    tmp_path, fn, state, torch_model, key_map, targets, *, rank=8, alpha=16.0, target="vllm"
+):
     """Export random adapters for ``state`` and compare PEFT's logits with jlora's."""
     tokens = jnp.asarray(TOKENS)
     np.testing.assert_allclose(
@@ -78,7 +81,7 @@ def check_export(tmp_path, fn, state, torch_model, key_map, targets, *, rank=8, 
     want = np.asarray(jax.jit(jlora.lora(fn))(state, adapters, tokens))
     assert np.max(np.abs(want - np.asarray(fn(state, tokens)))) > 1e-2  # the update shows
     directory = os.fspath(tmp_path / "adapter")
-    jlora.peft.save(directory, adapters, spec, key_map=key_map, target="vllm")
+    jlora.peft.save(directory, adapters, spec, key_map=key_map, target=target)
     served = peft.PeftModel.from_pretrained(torch_model, directory)
     np.testing.assert_allclose(torch_logits(served, TOKENS), want, atol=1e-4, rtol=1e-4)
     loaded, _ = jlora.peft.load(directory, state, key_map=key_map, fn=fn, args=(tokens,))
@@ -125,3 +128,156 @@ def test_tunix_decoder_adapters_load_in_peft_with_equal_logits(family, tmp_path)
     model = _hf_to_tunix(torch_model, tmp_path, params_lib.create_model_from_safe_tensors, config)
     fn, state = nnx_fn(model)
     check_export(tmp_path, fn, state, torch_model, f"tunix-{family}", ATTENTION_MLP)
+
+
+# -- tunix Gemma 3: fused q/k/v (or k/v) einsums and a tied embedding --------------------
+
+
+def _gemma3_pair(tmp_path, num_kv_heads):
+    """A transformers 5 ``Gemma3ForCausalLM`` and tunix's Gemma 3 with its weights.
+
+    Six layers, so tunix's 5-local-1-global pattern shows both rope frequencies, and a
+    sliding window (4) shorter than the 8 tokens, so the local mask shows too.
+    """
+    from tunix.models.gemma3 import model as model_lib
+    from tunix.models.gemma3 import params_safetensors as params_lib
+
+    torch.manual_seed(0)
+    layers = 6
+    hf_config = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=8,
+        rms_norm_eps=1e-6, query_pre_attn_scalar=8, sliding_window=4,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch_model = transformers.Gemma3ForCausalLM(hf_config)
+    with torch.no_grad():  # Gemma's norms scale by 1 + w: nonzero w so that they show
+        for name, weight in torch_model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.normal_(0.0, 0.3)
+    torch_model.eval()
+    config = model_lib.ModelConfig(
+        num_layers=layers, num_embed=64, embed_dim=32, hidden_dim=48, num_heads=4,
+        head_dim=8, num_kv_heads=num_kv_heads, sliding_window_size=4,
+        local_base_frequency=10_000, global_base_frequency=1_000_000,
+        param_dtype=jnp.float32,
+    )  # fmt: skip
+    model = _hf_to_tunix(torch_model, tmp_path, params_lib.create_model_from_safe_tensors, config)
+    return torch_model, model
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 4], ids=["q-kv-einsum", "qkv-einsum"])
+def test_tunix_gemma3_adapters_load_in_peft_with_equal_logits(num_kv_heads, tmp_path):
+    torch_model, model = _gemma3_pair(tmp_path, num_kv_heads)
+    fn, state = nnx_fn(model)
+    fused = "kv_einsum" if num_kv_heads == 2 else "qkv_einsum"
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    assert any(fused in path for path in paths)
+    attention = ["q_einsum", "kv_einsum"] if num_kv_heads == 2 else ["qkv_einsum"]
+    targets = [*attention, "attn_vec_einsum", "gate_proj", "up_proj", "down_proj"]
+    check_export(tmp_path, fn, state, torch_model, "tunix-gemma3", targets)
+
+
+def test_tunix_gemma3_tied_embedding_adapter_loads_in_peft_as_embedding_and_head(tmp_path):
+    """Gemma ties the head to the embedding: one jlora adapter on the table is PEFT's
+    ``embed_tokens`` adapter and, transposed, its ``lm_head`` adapter (PEFT's own
+    format; vLLM serves neither for Gemma 3, so ``target="vllm"`` would refuse)."""
+    torch_model, model = _gemma3_pair(tmp_path, 2)
+    fn, state = nnx_fn(model)
+    _, adapters, _ = check_export(
+        tmp_path, fn, state, torch_model, "tunix-gemma3", ["input_embedding", "q_einsum"],
+        target=None,
+    )  # fmt: skip
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)]
+    assert any("input_embedding" in path for path in paths), paths
+    # Merged for deployment: the one table takes the update once. (PEFT's own
+    # merge_and_unload adds it twice to a tied weight, once per module: merge in jlora.)
+    want = np.asarray(jlora.lora(fn)(state, adapters, jnp.asarray(TOKENS)))
+    merged = np.asarray(fn(jlora.merge(state, adapters), jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(merged, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"vLLM serves LoRA for key_map .tunix-gemma3. on"):
+        spec = jlora.LoraSpec(rank=8, alpha=16.0, targets=["input_embedding"])
+        jlora.peft.save(os.fspath(tmp_path / "vllm"), adapters, spec, key_map="tunix-gemma3",
+                        target="vllm")  # fmt: skip
+
+
+# -- gm.nn (the gemma library): weights copied across by a table, base logits first ------
+
+
+def _gm_params_from_torch(torch_model, num_layers, num_heads, num_kv_heads):
+    """gm.nn Gemma 3 params from a transformers ``Gemma3ForCausalLM``'s state dict.
+
+    The table: PyTorch ``Linear`` weights are ``(out, in)``; gm.nn's einsums keep heads
+    apart (``q_einsum`` (N, D, H), ``kv_einsum`` (2, K, D, H) or ``qkv_einsum``
+    (3, N, D, H), ``attn_vec_einsum`` (N, H, D)), Gemma 3 stores ``gating_einsum``
+    transposed (2, F, D) with gate before up, and ``linear`` is (F, D).
+    """
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in torch_model.state_dict().items()}
+
+    def heads(weight, n):  # (n*H, D) -> (n, D, H)
+        return weight.reshape(n, -1, weight.shape[1]).transpose(0, 2, 1)
+
+    params = {
+        "embedder": {"input_embedding": sd["model.embed_tokens.weight"]},
+        "final_norm": {"scale": sd["model.norm.weight"]},
+    }
+    for i in range(num_layers):
+        t = f"model.layers.{i}."
+        q = heads(sd[t + "self_attn.q_proj.weight"], num_heads)
+        k = heads(sd[t + "self_attn.k_proj.weight"], num_kv_heads)
+        v = heads(sd[t + "self_attn.v_proj.weight"], num_kv_heads)
+        o = sd[t + "self_attn.o_proj.weight"]  # (D, N*H)
+        attn = {
+            "attn_vec_einsum": {"w": o.T.reshape(num_heads, -1, o.shape[0])},
+            "_query_norm": {"scale": sd[t + "self_attn.q_norm.weight"]},
+            "_key_norm": {"scale": sd[t + "self_attn.k_norm.weight"]},
+        }
+        if num_heads == num_kv_heads:
+            attn["qkv_einsum"] = {"w": np.stack([q, k, v])}
+        else:
+            attn["q_einsum"] = {"w": q}
+            attn["kv_einsum"] = {"w": np.stack([k, v])}
+        gating = np.stack([sd[t + "mlp.gate_proj.weight"], sd[t + "mlp.up_proj.weight"]])
+        params[f"layer_{i}"] = {
+            "attn": attn,
+            "mlp": {"gating_einsum": gating, "linear": sd[t + "mlp.down_proj.weight"].T},
+            "pre_attention_norm": {"scale": sd[t + "input_layernorm.weight"]},
+            "post_attention_norm": {"scale": sd[t + "post_attention_layernorm.weight"]},
+            "pre_ffw_norm": {"scale": sd[t + "pre_feedforward_layernorm.weight"]},
+            "post_ffw_norm": {"scale": sd[t + "post_feedforward_layernorm.weight"]},
+        }
+    return jax.tree.map(jnp.asarray, {"params": params})
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 4], ids=["q-kv-einsum", "qkv-einsum"])
+def test_gemma_gm_nn_adapters_load_in_peft_with_equal_logits(num_kv_heads, tmp_path):
+    # gm.nn's model classes (gm.nn.Gemma3_1B, ...) import gemma's checkpoint code, which
+    # gemma 3.3.0 cannot import with the kauldron that runs on jax 0.10; the Transformer
+    # with a config of our own is the same model code.
+    from gemma.gm.nn import _config, _modules, _transformer
+
+    torch_model, _ = _gemma3_pair(tmp_path, num_kv_heads)
+    local, full = _modules.AttentionType.LOCAL_SLIDING, _modules.AttentionType.GLOBAL
+    config = _config.TransformerConfig(
+        num_embed=64, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8,
+        num_kv_heads=num_kv_heads, final_logit_softcap=None, use_post_attn_norm=True,
+        use_post_ffw_norm=True, use_qk_norm=True, attention_types=(local,) * 5 + (full,),
+        sliding_window_size=4, transpose_gating_einsum=True, local_base_frequency=10_000,
+        global_base_frequency=1_000_000,
+    )  # fmt: skip
+    model = _transformer.Transformer(config=config, dtype=jnp.float32)
+    params = _gm_params_from_torch(torch_model, 6, 4, num_kv_heads)
+    # the table covers every leaf gm.nn has, in its shapes
+    init = model.init(jax.random.key(0), jnp.asarray(TOKENS))
+    assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
+
+    def fn(params, tokens):
+        batch, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+        return model.apply(params, tokens, positions=positions, attention_mask=mask).logits
+
+    attention = ["q_einsum", "kv_einsum"] if num_kv_heads == 2 else ["qkv_einsum"]
+    targets = [*attention, "attn_vec_einsum", "gating_einsum", "linear"]
+    check_export(tmp_path, fn, params, torch_model, "gemma", targets)
