@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MLP(nn.Module):
@@ -171,3 +172,14 @@ class HandLoraDecoder(nn.Module):
         x, _ = block(x, None)
         x = nn.LayerNorm(name="ln_f")(x)
         return embed.attend(x)
+
+
+def perturb(adapters, seed, scale=0.1):
+    """Random non-zero factors, so lora_B != 0 and every value is checked (numpy: no compiles)."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(adapters)
+    noisy = [
+        jnp.asarray((np.asarray(x, np.float32) + scale * rng.normal(size=x.shape)).astype(x.dtype))
+        for x in leaves
+    ]
+    return jax.tree_util.tree_unflatten(treedef, noisy)

@@ -24,22 +24,11 @@ from hypothesis import strategies as st
 import jlora
 import jlora.peft
 from jlora.peft import CONFIG_NAME, WEIGHTS_NAME, KeyMap
-from tests.models import Decoder
+from tests.models import Decoder, perturb
 
 # ------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------
-
-
-def perturb(adapters, seed, scale=0.1):
-    """Random non-zero factors, so lora_B != 0 and every value is checked (numpy: no compiles)."""
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten(adapters)
-    noisy = [
-        jnp.asarray((np.asarray(x, np.float32) + scale * rng.normal(size=x.shape)).astype(x.dtype))
-        for x in leaves
-    ]
-    return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
 def read(directory):

@@ -13,7 +13,6 @@ safetensors loaders for Llama 3, Qwen 3 and Gemma 3), else by a table in this fi
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -23,6 +22,7 @@ import pytest
 
 import jlora
 import jlora.peft
+from tests.models import perturb
 
 tunix = pytest.importorskip("tunix")
 torch = pytest.importorskip("torch")
@@ -47,20 +47,6 @@ def nnx_fn(model):
     return fn, state
 
 
-def randomized(adapters, seed, scale=0.2):
-    """Every factor random (B != 0), so the exported update is seen in the logits."""
-    rng = np.random.default_rng(seed)
-
-    def noisy(node):
-        if not isinstance(node, jlora.LoraAdapter):
-            return node
-        a = rng.normal(size=node.lora_a.shape).astype(np.float32) * scale
-        b = rng.normal(size=node.lora_b.shape).astype(np.float32) * scale
-        return dataclasses.replace(node, lora_a=jnp.asarray(a), lora_b=jnp.asarray(b))
-
-    return jax.tree.map(noisy, adapters, is_leaf=jlora.is_adapter)
-
-
 def torch_logits(model, tokens):
     with torch.no_grad():
         return model(torch.from_numpy(tokens)).logits.float().numpy()
@@ -69,25 +55,29 @@ def torch_logits(model, tokens):
 def check_export(
     tmp_path, fn, state, torch_model, key_map, targets, *, rank=8, alpha=16.0, target="vllm"
 ):
-    """Export random adapters for ``state`` and compare PEFT's logits with jlora's."""
+    """Export random adapters for ``state`` and compare PEFT's logits with jlora's.
+
+    Returns the adapters and their (jitted, factored) logits."""
     tokens = jnp.asarray(TOKENS)
+    base = np.asarray(fn(state, tokens))
     np.testing.assert_allclose(
-        np.asarray(fn(state, tokens)), torch_logits(torch_model, TOKENS), atol=1e-4, rtol=1e-4
+        base, torch_logits(torch_model, TOKENS), atol=1e-4, rtol=1e-4
     )  # the two bases are the same model
     spec = jlora.LoraSpec(rank=rank, alpha=alpha, targets=targets)
-    adapters = randomized(jlora.init(spec, state, jax.random.key(0), fn=fn, args=(tokens,)), 1)
+    adapters = perturb(jlora.init(spec, state, jax.random.key(0), fn=fn, args=(tokens,)), 1, 0.2)
     report = jlora.explain(fn, state, adapters, tokens)
     assert all(entry.materialized == 0 for entry in report.values()), report
-    want = np.asarray(jax.jit(jlora.lora(fn))(state, adapters, tokens))
-    assert np.max(np.abs(want - np.asarray(fn(state, tokens)))) > 1e-2  # the update shows
+    adapted = jax.jit(jlora.lora(fn))
+    want = np.asarray(adapted(state, adapters, tokens))
+    assert np.max(np.abs(want - base)) > 1e-2  # the update shows
     directory = os.fspath(tmp_path / "adapter")
     jlora.peft.save(directory, adapters, spec, key_map=key_map, target=target)
     served = peft.PeftModel.from_pretrained(torch_model, directory)
     np.testing.assert_allclose(torch_logits(served, TOKENS), want, atol=1e-4, rtol=1e-4)
     loaded, _ = jlora.peft.load(directory, state, key_map=key_map, fn=fn, args=(tokens,))
-    back = np.asarray(jax.jit(jlora.lora(fn))(state, loaded, tokens))
+    back = np.asarray(adapted(state, loaded, tokens))
     np.testing.assert_allclose(back, want, atol=1e-5, rtol=1e-5)
-    return directory, adapters, loaded
+    return adapters, want
 
 
 # -- tunix Llama 3 and Qwen 3: the weights cross by tunix's own safetensors loader ------
@@ -185,7 +175,7 @@ def test_tunix_gemma3_tied_embedding_adapter_loads_in_peft_as_embedding_and_head
     format; vLLM serves neither for Gemma 3, so ``target="vllm"`` would refuse)."""
     torch_model, model = _gemma3_pair(tmp_path, 2)
     fn, state = nnx_fn(model)
-    _, adapters, _ = check_export(
+    adapters, want = check_export(
         tmp_path, fn, state, torch_model, "tunix-gemma3", ["input_embedding", "q_einsum"],
         target=None,
     )  # fmt: skip
@@ -193,7 +183,6 @@ def test_tunix_gemma3_tied_embedding_adapter_loads_in_peft_as_embedding_and_head
     assert any("input_embedding" in path for path in paths), paths
     # Merged for deployment: the one table takes the update once. (PEFT's own
     # merge_and_unload adds it twice to a tied weight, once per module: merge in jlora.)
-    want = np.asarray(jlora.lora(fn)(state, adapters, jnp.asarray(TOKENS)))
     merged = np.asarray(fn(jlora.merge(state, adapters), jnp.asarray(TOKENS)))
     np.testing.assert_allclose(merged, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"vLLM serves LoRA for key_map .tunix-gemma3. on"):
