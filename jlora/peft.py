@@ -148,6 +148,22 @@ class KeyMap:
         two modules apart; on import the two must agree.
       vllm_modules: regex of the PyTorch module names vLLM serves LoRA on for this
         family; ``save(..., target="vllm")`` refuses the others. None: not checked.
+      expert_params: ``(regex, parameter)`` for MoE expert weights that the JAX model
+        keeps as bare parameters of their own name, stacked ``(E, in, out)`` (tunix's
+        ``mlp/gate_proj``), and PyTorch as one 3-D parameter of an experts module
+        (transformers 5's ``mlp.experts.gate_up_proj``). A weight whose module path
+        (with its own name) ``re.fullmatch`` es ``regex`` is written to the parameter
+        ``parameter``, a name that replaces the last component of the renamed module
+        name (``"experts.gate_up_proj"``), as PEFT's ``target_parameters``. Entries that
+        name one parameter are its parts, stacked along its output features in the
+        order listed (gate, then up): the part adapters' A's are concatenated and their
+        B's placed block-diagonally, which is exact at the sum of their ranks (the
+        parameter gets a ``rank_pattern`` entry). Weights under a generic leaf name
+        (``.../gate_proj/kernel``: a dense MLP) are not expert weights. Entries are
+        listed in the order the PyTorch module registers its parameters, which fixes
+        PEFT's nesting of its wrappers.
+      expert_out_in: whether the PyTorch expert parameters are stored ``(E, out, in)``
+        and used as ``x @ W[e].T`` (transformers 5), else ``(E, in, out)``.
 
     Example:
       >>> gpt2 = KEY_MAPS["gpt2"]
@@ -161,6 +177,11 @@ class KeyMap:
       >>> gemma = KEY_MAPS["gemma"]
       >>> gemma.parts("layer_0/attn/kv_einsum/w")  # one fused kernel, two PyTorch modules
       ('model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj')
+      >>> moe = KEY_MAPS["tunix-qwen3-moe"]
+      >>> moe.expert_param("layers/0/mlp/up_proj/value")  # part 1 of 2 of one parameter
+      ('model.layers.0.mlp.experts', 'gate_up_proj', 1, 2)
+      >>> moe.expert_param("layers/0/mlp/up_proj/kernel") is None  # a dense MLP's kernel
+      True
     """
 
     name: str
@@ -173,11 +194,20 @@ class KeyMap:
     embeddings: str | None = None
     tied_head: str | None = None
     vllm_modules: str | None = None
+    expert_params: tuple[tuple[str, str], ...] = ()
+    expert_out_in: bool = True
 
     def __post_init__(self):
         patterns = [("modules", self.modules), ("transposed", self.transposed)]
         patterns += [("rename", regex) for regex, _ in self.rename]
         patterns += [("fused", regex) for regex, _ in self.fused]
+        patterns += [("expert_params", regex) for regex, _ in self.expert_params]
+        for regex, param in self.expert_params:
+            if not isinstance(param, str) or not re.fullmatch(r"[\w.]*\w", param):
+                raise ValueError(
+                    f"KeyMap {self.name!r}: expert_params {regex!r} needs a parameter name "
+                    f"such as 'experts.gate_up_proj'; found {param!r}"
+                )
         patterns += [("embeddings", self.embeddings), ("vllm_modules", self.vllm_modules)]
         for regex, parts in self.fused:
             if len(parts) < 2 or not all(isinstance(p, str) and p for p in parts):
@@ -210,6 +240,25 @@ class KeyMap:
             if re.fullmatch(regex, module) is not None:
                 head = name.rsplit(".", 1)[0] + "." if "." in name else ""
                 return tuple(head + part for part in parts)
+        return None
+
+    def expert_param(self, path: Path) -> tuple[str, str, int, int] | None:
+        """``(PyTorch module, parameter, part, parts)`` for an MoE expert weight that
+        ``expert_params`` names, else None: the weight is part ``part`` of ``parts``
+        stacked along the parameter's output features."""
+        module, leaf = module_path(path)
+        if not self.expert_params or leaf in GENERIC_LEAF_NAMES:
+            return None
+        name = self(path)
+        if name is None:
+            return None
+        own = self._module(path)
+        for regex, param in self.expert_params:
+            if re.fullmatch(regex, own) is not None:
+                same = [r for r, p in self.expert_params if p == param]
+                head = name.rsplit(".", 1)[0] + "." if "." in name else ""
+                module, _, leaf_param = (head + param).rpartition(".")
+                return module, leaf_param, same.index(regex), len(same)
         return None
 
     def is_embedding(self, path: Path) -> bool:
@@ -308,6 +357,21 @@ _GEMMA_FUSED = (
 )
 KEY_MAPS["tunix-llama3"] = dataclasses.replace(_TUNIX_DECODER, name="tunix-llama3")
 KEY_MAPS["tunix-qwen3"] = dataclasses.replace(_TUNIX_DECODER, name="tunix-qwen3")
+# tunix's Qwen 3 MoE layer keeps its experts as bare parameters gate_proj, up_proj
+# (E, D, F) and down_proj (E, F, D); transformers 5's Qwen3MoeExperts registers
+# gate_up_proj (E, 2F, D), gate rows first (it chunks the output in two), then down_proj
+# (E, D, F). The router (mlp/router, transformers' Qwen3MoeTopKRouter) is no Linear, so
+# PEFT cannot adapt it: it is left out of modules, and an adapter on it is refused.
+KEY_MAPS["tunix-qwen3-moe"] = dataclasses.replace(
+    _TUNIX_DECODER,
+    name="tunix-qwen3-moe",
+    expert_params=(
+        (r"layers/\d+/mlp/gate_proj", "experts.gate_up_proj"),
+        (r"layers/\d+/mlp/up_proj", "experts.gate_up_proj"),
+        (r"layers/\d+/mlp/down_proj", "experts.down_proj"),
+    ),
+    vllm_modules=rf"{_VLLM_DECODER}|model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj",
+)
 KEY_MAPS["tunix-gemma3"] = KeyMap(
     "tunix-gemma3",
     modules=(
@@ -429,7 +493,15 @@ def save(
     (``<module>.<leaf name>``, e.g. ``model.layers.0.mlp.experts.gate_up_proj``): one
     ``lora_A.weight (E·r, ·)`` and ``lora_B.weight (·, E·r)`` per parameter, whose
     per-expert product is jlora's delta of that expert in the weight's own axis order.
-    PEFT's ``target_parameters`` takes no DoRA, dropout or per-parameter rank.
+    PEFT's ``target_parameters`` takes no DoRA or dropout; a parameter's own rank and
+    alpha go in ``rank_pattern`` / ``alpha_pattern`` under its full name, which PEFT
+    applies to target parameters as to modules.
+
+    A key map with ``expert_params`` (``"tunix-qwen3-moe"``) picks its expert weights
+    itself, with no ``experts`` argument, and may stack several JAX weights into one
+    PyTorch parameter (tunix's ``gate_proj`` and ``up_proj`` into transformers'
+    ``experts.gate_up_proj``, at the sum of their ranks, which ``target="vllm"`` checks
+    against :data:`VLLM_RANKS` too).
 
     Raises:
       ValueError: a path the key map cannot name, a stacked adapter whose module name
@@ -509,10 +581,19 @@ def save(
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple[Path, LoraAdapter]] = {}
     by_expert_module: dict[str, list[tuple[str, Path, np.ndarray, np.ndarray]]] = {}
+    patterns: dict[str, tuple[int, float]] = {}  # expert parameter -> (rank, alpha)
+    expert_rule = getattr(key_map, "expert_param", None)
+    by_param: dict[tuple[str, str], list[tuple[int, int, Path, Any]]] = {}
     for path, node in items:
+        where = expert_rule(path) if expert_rule is not None else None
+        if where is not None:  # a key map's MoE expert weight (a part of one parameter)
+            module, param, part, n_parts = where
+            by_param.setdefault((module, param), []).append((part, n_parts, path, node))
+            continue
         if experts is not None and _matches(experts, path, node, need_matrix=False):
             for module, param, lora_a, lora_b in _expert_params_of(path, node, key_map, spec):
                 by_expert_module.setdefault(module, []).append((param, path, lora_a, lora_b))
+                patterns[f"{module}.{param}"] = (node.rank, _alpha_of(spec, path, node))
             continue
         for name, a_in_r, b_r_out, magnitude, bias in _modules_of(path, node, key_map):
             if name in modules:
@@ -566,8 +647,35 @@ def save(
         # PEFT stores the rows' values (its "delta" is the new rows), (k, embedding_dim).
         tensors[f"{PREFIX}{name}.{TOKENS}"] = np.ascontiguousarray(np.asarray(node.rows))
         token_indices[name] = [int(i) for i in node.indices]
+    for module, param, path, lora_a, lora_b, rank, alpha in _key_map_expert_params(
+        by_param, key_map, spec
+    ):
+        by_expert_module.setdefault(module, []).append((param, path, lora_a, lora_b))
+        patterns[f"{module}.{param}"] = (rank, alpha)
+    if target == "vllm":
+        for name, (rank, _alpha) in sorted(patterns.items()):
+            if rank not in VLLM_RANKS:
+                raise ValueError(
+                    f"vLLM supports LoRA ranks {sorted(VLLM_RANKS)}; the expert parameter "
+                    f"{name!r} holds its parts' adapters stacked, at rank {rank} (the sum "
+                    "of theirs): pick a rank whose sum over the parts is one of these"
+                )
+            if served is not None and re.fullmatch(served, name) is None:
+                raise ValueError(
+                    f"vLLM serves LoRA for key_map {_key_map_name(key_map)!r} on the "
+                    f"modules matching {served!r} only, not the expert parameter {name!r}"
+                )
+    if parameter_order is None and by_param:
+        parameter_order = list(
+            dict.fromkeys(p.rpartition(".")[2] for _, p in key_map.expert_params)
+        )
     parameters = _write_expert_params(by_expert_module, modules, tensors, parameter_order)
     config = _config(spec, modules, key_map, base_model_name_or_path, task_type)
+    for name, (rank, alpha) in sorted(patterns.items()):
+        if rank != spec.rank:
+            config["rank_pattern"][name] = rank
+        if not math.isclose(alpha, spec.alpha, rel_tol=1e-6):
+            config["alpha_pattern"][name] = _number(alpha)
     if token_indices:
         config["trainable_token_indices"] = token_indices
     if parameters:
@@ -615,12 +723,6 @@ def _expert_params_of(path: Path, node: LoraAdapter, key_map: Callable, spec: Lo
             "reads 3-D parameters (experts, d0, d1), so jlora writes weights whose stack "
             "axes lead and whose last two axes are one input and one output axis"
         )
-    if node.rank != spec.rank or not math.isclose(node.scale, spec.scale_for(path)):
-        raise ValueError(
-            f"the expert weight at {path!r} has rank {node.rank} and scale {node.scale}, "
-            f"the spec rank {spec.rank} and scale {spec.scale_for(path)}: PEFT's "
-            "target_parameters reads the config's r and lora_alpha only"
-        )
     transposed = layout.in_axes[0] > layout.out_axes[0]  # stored (E, out, in)
     param = module_path(path)[1]
     if module.endswith(f".{param}"):  # a KeyMap names the parameter itself: keep its module
@@ -633,6 +735,112 @@ def _expert_params_of(path: Path, node: LoraAdapter, key_map: Callable, spec: Lo
         lora_a = right.reshape(n_experts * rank, right.shape[-1])
         lora_b = np.transpose(left, (1, 2, 0)).reshape(d0, rank * n_experts)
         yield module.format(*index), param, lora_a, lora_b
+
+
+def _expert_factors(path: Path, node: Any, key_map: Callable, spec: LoraSpec):
+    """``(a (…, E, in, r), b (…, E, r, out))`` of one expert weight ``(…, E, in, out)``
+    whose outer stack axes (all but the experts') lead, checked for PEFT's
+    ``target_parameters``: a plain LoRA adapter, no dropout."""
+    if type(node) is not LoraAdapter:
+        kind = getattr(node, "KIND", type(node).__name__)
+        raise ValueError(
+            f"the adapter at {path!r} is a {kind} adapter on an MoE expert weight; PEFT's "
+            "target_parameters takes plain LoRA only (no DoRA, lora_bias or trained base "
+            "leaves)"
+        )
+    if spec.dropout:
+        raise ValueError(
+            f"the adapter at {path!r} is on an MoE expert weight, which PEFT adapts through "
+            f"target_parameters; PEFT refuses lora_dropout there (spec has {spec.dropout})"
+        )
+    layout = node.layout
+    n_stack = len(layout.stack_axes)
+    if (
+        n_stack < 1
+        or layout.stack_axes != tuple(range(n_stack))
+        or layout.in_axes != (n_stack,)
+        or layout.out_axes != (n_stack + 1,)
+    ):
+        raise ValueError(
+            f"key_map {_key_map_name(key_map)!r} names the weight at {path!r} an MoE expert "
+            f"weight, which must be stacked (…, experts, in, out); its layout is {layout} "
+            "(create the adapters with jlora.init(..., fn=<model>, args=<inputs>))"
+        )
+    return np.asarray(node.lora_a), np.asarray(node.lora_b)
+
+
+def _key_map_expert_params(by_param, key_map: Callable, spec: LoraSpec):
+    """Per layer of each expert parameter a key map names (``KeyMap.expert_params``):
+    ``(module, parameter, path, lora_A (E·R, d1), lora_B (d0, E·R), R, alpha)`` in the
+    PyTorch parameter's ``(E, d0, d1)`` order, its parts' adapters stacked: expert
+    ``e``'s delta is ``s'·B_e·A_e`` (``B_e`` the columns ``e, E+e, …`` of lora_B),
+    with the parts' A's concatenated and their B's block-diagonal, each part's scale
+    over ``s'`` folded into its block, ``s' = alpha / R`` (or ``/ sqrt(R)``)."""
+    out_in = getattr(key_map, "expert_out_in", True)
+    for (module, param), entries in sorted(by_param.items()):
+        entries = sorted(entries, key=lambda entry: entry[0])
+        n_parts = entries[0][1]
+        full = f"{module}.{param}"
+        have = [part for part, *_ in entries]
+        if have != list(range(n_parts)):
+            paths = [path for _, _, path, _ in entries]
+            raise ValueError(
+                f"the PyTorch expert parameter {full!r} holds {n_parts} weights stacked "
+                f"along its output features (key_map {_key_map_name(key_map)!r}); the "
+                f"adapters have {paths}, which is not one of each: PEFT adapts the "
+                "parameter as one, so target every part (e.g. both gate_proj and up_proj)"
+            )
+        factors = [_expert_factors(path, node, key_map, spec) for _, _, path, node in entries]
+        stack = {a.shape[:-2] for a, _ in factors}
+        widths = {a.shape[-2] for a, _ in factors}
+        if len(stack) != 1 or len(widths) != 1:
+            raise ValueError(
+                f"the weights stacked into the expert parameter {full!r} differ in their "
+                f"experts or input features: {[list(a.shape[:-1]) for a, _ in factors]}"
+            )
+        (stack_shape,) = stack
+        n_outer = len(stack_shape) - 1
+        if module.count("{}") != n_outer:
+            raise ValueError(
+                f"the expert weight at {entries[0][2]!r} has {n_outer + 1} stack axes and "
+                f"key_map names its parameter {full!r}: an expert weight needs one '{{}}' "
+                "per stack axis but the last, which is the experts'"
+            )
+        nodes = [node for *_, node in entries]
+        scale = nodes[0].scale
+        rank = sum(node.rank for node in nodes)
+        alpha = scale * scale_denominator(rank, spec.rslora)
+        for index in np.ndindex(*stack_shape[:n_outer]):
+            blocks, shared = [], []
+            for (a, b), node in zip(factors, nodes):
+                a, b = a[index], b[index] * (node.scale / scale)  # (E, in, r), (E, r, out)
+                if out_in:  # delta_e (out, in) = b_eᵀ·a_eᵀ: B = b's, A = a's
+                    blocks.append(np.swapaxes(b, 1, 2))
+                    shared.append(np.swapaxes(a, 1, 2))
+                else:  # delta_e (in, out) = a_e·b_e, parts side by side in out
+                    blocks.append(b)
+                    shared.append(a)
+            if out_in:
+                left = _block_diagonal(blocks)  # (E, Σout, R)
+                right = np.concatenate(shared, axis=1)  # (E, R, in)
+            else:
+                left = np.concatenate(shared, axis=2)  # (E, in, R)
+                right = _block_diagonal(blocks)  # (E, R, Σout)
+            n_experts, d0, _ = left.shape
+            lora_a = right.reshape(n_experts * rank, right.shape[-1])
+            lora_b = np.transpose(left, (1, 2, 0)).reshape(d0, rank * n_experts)
+            yield module.format(*index), param, entries[0][2], lora_a, lora_b, rank, alpha
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    """``(E, Σm, Σn)`` from blocks ``(E, m_k, n_k)`` on the diagonal, zeros elsewhere."""
+    rows, cols = sum(b.shape[1] for b in blocks), sum(b.shape[2] for b in blocks)
+    out = np.zeros((blocks[0].shape[0], rows, cols), np.result_type(*blocks))
+    i = j = 0
+    for block in blocks:
+        out[:, i : i + block.shape[1], j : j + block.shape[2]] = block
+        i, j = i + block.shape[1], j + block.shape[2]
+    return out
 
 
 def _write_expert_params(experts, modules, tensors, parameter_order) -> list[str]:

@@ -72,8 +72,10 @@ def test_peft_runs_jlora_expert_adapters(tmp_path):
     x = rng.normal(size=(sum(sizes), D)).astype(np.float32)
     args = (jnp.asarray(x), jnp.asarray(sizes, jnp.int32))
 
-    spec = jlora.LoraSpec(rank=2, alpha=3.0, targets=["experts"])
+    spec = jlora.LoraSpec(rank=2, alpha=3.0, targets=["experts"], rank_pattern={"down": 3},
+                          alpha_pattern={"proj_t": 5.0})  # fmt: skip
     adapters = jlora.init(spec, params, jax.random.key(0), fn=jax_fn, args=args)
+    assert adapters["experts"]["down"].rank == 3
     adapters = jax.tree_util.tree_map(
         lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape).astype(np.float32)), adapters
     )
@@ -85,6 +87,8 @@ def test_peft_runs_jlora_expert_adapters(tmp_path):
                      parameter_order=ORDER)
     config = json.loads((directory / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(f"experts.{n}" for n in ORDER)
+    assert config["rank_pattern"] == {"experts.down": 3}  # per parameter, as PEFT reads it
+    assert config["alpha_pattern"] == {"experts.proj_t": 5}
 
     model = Model(weights)
     base = model(torch.tensor(x), sizes).detach().numpy()
@@ -127,3 +131,118 @@ def test_expert_export_refusals(tmp_path):
         jlora.peft.save(tmp_path / "y", adapters, spec, key_map="flax", experts=["experts"],
                         parameter_order=["v"])
     assert not (tmp_path / "y").exists()  # nothing written on refusal
+
+
+# -- a key map's expert parameters: two JAX weights stacked into one PyTorch parameter --
+
+F2 = 3  # each part's output features (gate and up)
+
+
+class FusedExperts(torch.nn.Module):
+    """transformers 5's layout: ``gate_up_proj (E, 2F, D)`` (gate rows, then up) and
+    ``down_proj (E, D, F)``, registered in that order, used as ``x @ W[e].T``; with
+    ``out_in=False`` the parameters are ``(E, D, 2F)`` / ``(E, F, D)``, used as ``x @ W[e]``."""
+
+    def __init__(self, weights, out_in):
+        super().__init__()
+        self.out_in = out_in
+        for name in ("gate_up_proj", "down_proj"):
+            w = torch.tensor(weights[name])
+            self.register_parameter(name, torch.nn.Parameter(w.transpose(1, 2) if out_in else w))
+
+    def forward(self, x, sizes):
+        outs, start = [], 0
+        for e, size in enumerate(sizes):
+            rows = x[start : start + size]
+            w1, w2 = self.gate_up_proj[e], self.down_proj[e]
+            h = rows @ (w1.T if self.out_in else w1)
+            gate, up = h.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+            outs.append(h @ (w2.T if self.out_in else w2))
+            start += size
+        return torch.cat(outs)
+
+
+class FusedModel(torch.nn.Module):
+    def __init__(self, weights, out_in):
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.experts = FusedExperts(weights, out_in)
+
+    def forward(self, x, sizes):
+        return self.mlp.experts(x, sizes)
+
+
+def fused_jax_fn(params, x, sizes):
+    p = params["mlp"]
+    gate = jax.lax.ragged_dot(x, p["gate_proj"], sizes)
+    up = jax.lax.ragged_dot(x, p["up_proj"], sizes)
+    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, p["down_proj"], sizes)
+
+
+@pytest.mark.parametrize("out_in", [True, False])
+def test_key_map_expert_params_stack_parts_into_one_peft_parameter(out_in, tmp_path):
+    """gate_proj and up_proj (E, D, F) with different ranks and scales become one
+    ``gate_up_proj`` at the sum of their ranks (rank_pattern / alpha_pattern), which
+    PEFT runs with jlora's output; the key map decides the PyTorch orientation."""
+    rng = np.random.default_rng(1)
+    weights = {
+        "gate_proj": rng.normal(size=(E, D, F2)).astype(np.float32) / 2,
+        "up_proj": rng.normal(size=(E, D, F2)).astype(np.float32) / 2,
+        "down_proj": rng.normal(size=(E, F2, D)).astype(np.float32) / 2,
+    }
+    params = {"mlp": {k: jnp.asarray(v) for k, v in weights.items()}}
+    torch_weights = {
+        "gate_up_proj": np.concatenate([weights["gate_proj"], weights["up_proj"]], axis=2),
+        "down_proj": weights["down_proj"],
+    }
+    key_map = jlora.peft.KeyMap(
+        "moe",
+        modules=r"mlp/(gate|up|down)_proj",
+        leaf_names=True,
+        expert_params=(
+            (r"mlp/gate_proj", "experts.gate_up_proj"),
+            (r"mlp/up_proj", "experts.gate_up_proj"),
+            (r"mlp/down_proj", "experts.down_proj"),
+        ),
+        expert_out_in=out_in,
+    )
+    sizes = [2, 0, 3, 2]
+    x = rng.normal(size=(sum(sizes), D)).astype(np.float32)
+    args = (jnp.asarray(x), jnp.asarray(sizes, jnp.int32))
+    spec = jlora.LoraSpec(
+        rank=2, alpha=3.0, targets=["gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"up_proj": 3}, alpha_pattern={"gate_proj": 5.0},
+    )  # fmt: skip
+    adapters = jlora.init(spec, params, jax.random.key(0), fn=fused_jax_fn, args=args)
+    adapters = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(0.4 * rng.normal(size=a.shape).astype(np.float32)), adapters
+    )
+    scales = {k: adapters["mlp"][k].scale for k in weights}
+    assert len(set(scales.values())) == 3  # three different scales to fold
+    want = np.asarray(jlora.lora(fused_jax_fn)(params, adapters, *args))
+
+    directory = tmp_path / "fused"
+    jlora.peft.save(directory, adapters, spec, key_map=key_map)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert config["rank_pattern"] == {"mlp.experts.gate_up_proj": 5}
+    model = FusedModel(torch_weights, out_in)
+    base = model(torch.tensor(x), sizes).detach().numpy()
+    np.testing.assert_allclose(base, fused_jax_fn(params, *args), rtol=1e-5, atol=1e-5)
+    served = peft.PeftModel.from_pretrained(model, str(directory))
+    with torch.no_grad():
+        got = served(torch.tensor(x), sizes).numpy()
+    assert np.abs(got - base).max() > 1e-2
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # PEFT's delta of the stacked parameter is the parts' deltas side by side.
+    deltas = jlora.delta(adapters)["mlp"]
+    wrapper = served.base_model.model.mlp.experts  # down_proj registered last: outermost
+    assert wrapper.parameter_name == "down_proj"
+    inner = wrapper.base_layer
+    assert inner.parameter_name == "gate_up_proj"
+    stacked = np.concatenate([deltas["gate_proj"], deltas["up_proj"]], axis=2)  # (E, D, 2F)
+    got_delta = inner.get_delta_weight("default").detach().numpy()
+    np.testing.assert_allclose(got_delta, np.swapaxes(stacked, 1, 2) if out_in else stacked,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

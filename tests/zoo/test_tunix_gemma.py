@@ -13,6 +13,7 @@ safetensors loaders for Llama 3, Qwen 3 and Gemma 3), else by a table in this fi
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -53,7 +54,8 @@ def torch_logits(model, tokens):
 
 
 def check_export(
-    tmp_path, fn, state, torch_model, key_map, targets, *, rank=8, alpha=16.0, target="vllm"
+    tmp_path, fn, state, torch_model, key_map, targets, *, rank=8, alpha=16.0, target="vllm",
+    read_back=True,
 ):
     """Export random adapters for ``state`` and compare PEFT's logits with jlora's.
 
@@ -74,6 +76,8 @@ def check_export(
     jlora.peft.save(directory, adapters, spec, key_map=key_map, target=target)
     served = peft.PeftModel.from_pretrained(torch_model, directory)
     np.testing.assert_allclose(torch_logits(served, TOKENS), want, atol=1e-4, rtol=1e-4)
+    if not read_back:
+        return adapters, want
     loaded, _ = jlora.peft.load(directory, state, key_map=key_map, fn=fn, args=(tokens,))
     back = np.asarray(adapted(state, loaded, tokens))
     np.testing.assert_allclose(back, want, atol=1e-5, rtol=1e-5)
@@ -118,6 +122,66 @@ def test_tunix_decoder_adapters_load_in_peft_with_equal_logits(family, tmp_path)
     model = _hf_to_tunix(torch_model, tmp_path, params_lib.create_model_from_safe_tensors, config)
     fn, state = nnx_fn(model)
     check_export(tmp_path, fn, state, torch_model, f"tunix-{family}", ATTENTION_MLP)
+
+
+# -- tunix Qwen 3 MoE: stacked expert weights as PEFT target_parameters -----------------
+
+
+def _qwen3_moe_pair(tmp_path):
+    from tunix.models.qwen3 import model as model_lib
+    from tunix.models.qwen3 import params as params_lib
+
+    torch.manual_seed(0)
+    torch_model = transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+            mlp_only_layers=[], rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )
+    ).eval()  # fmt: skip
+    config = model_lib.ModelConfig(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=16,
+                                   num_heads=4, head_dim=8, num_kv_heads=2, rope_theta=1_000_000,
+                                   norm_eps=1e-6, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    model = _hf_to_tunix(torch_model, tmp_path, params_lib.create_model_from_safe_tensors, config)
+    return model, torch_model
+
+
+def test_tunix_qwen3_moe_expert_adapters_load_in_peft_with_equal_logits(tmp_path):
+    """tunix's gate_proj and up_proj (E, D, F) become transformers 5's one
+    ``mlp.experts.gate_up_proj`` (E, 2F, D) at rank 2r (A's stacked, B block-diagonal),
+    down_proj (E, F, D) its ``down_proj`` (E, D, F); PEFT runs them as target_parameters."""
+    model, torch_model = _qwen3_moe_pair(tmp_path)
+    fn, state = nnx_fn(model)
+    check_export(tmp_path, fn, state, torch_model, "tunix-qwen3-moe", ATTENTION_MLP,
+                 read_back=False)  # fmt: skip
+
+    config = json.loads((tmp_path / "adapter" / jlora.peft.CONFIG_NAME).read_text())
+    assert config["target_parameters"] == [
+        f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("down_proj", "gate_up_proj")
+    ]
+    assert config["rank_pattern"] == {
+        f"model.layers.{i}.mlp.experts.gate_up_proj": 16 for i in (0, 1)
+    }
+    assert all(name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")
+               for name in config["target_modules"])  # fmt: skip
+    # The router is no Linear in transformers (Qwen3MoeTopKRouter): refused, by name.
+    spec = jlora.LoraSpec(rank=2, targets=["router"])
+    tokens = jnp.asarray(TOKENS)
+    routed = jlora.init(spec, state, jax.random.key(0), fn=fn, args=(tokens,))
+    with pytest.raises(ValueError, match=r"no PyTorch module name.*router"):
+        jlora.peft.save(tmp_path / "router", routed, spec, key_map="tunix-qwen3-moe")
+    # The fused rank must be one vLLM serves too: rank 1 (served) gives gate_up_proj rank 2.
+    small = jlora.LoraSpec(rank=1, targets=["gate_proj", "up_proj"])
+    experts = jlora.init(small, state, jax.random.key(0), fn=fn, args=(tokens,))
+    with pytest.raises(ValueError, match="at rank 2"):
+        jlora.peft.save(tmp_path / "small", experts, small, key_map="tunix-qwen3-moe",
+                        target="vllm")  # fmt: skip
+    half = jlora.LoraSpec(rank=8, targets=["gate_proj"])
+    gate = jlora.init(half, state, jax.random.key(0), fn=fn, args=(tokens,))
+    with pytest.raises(ValueError, match="target every part"):
+        jlora.peft.save(tmp_path / "half", gate, half, key_map="tunix-qwen3-moe")
 
 
 # -- tunix Gemma 3: fused q/k/v (or k/v) einsums and a tied embedding --------------------
