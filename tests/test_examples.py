@@ -160,3 +160,17 @@ def test_svd_lowrank(tmp_path):
     assert "from r = 3 on, r·(in + out) >= in·out" in out
     assert "param_count() = 18" in out
     assert (tmp_path / "svd_lowrank.png").stat().st_size > 0
+
+
+def test_finetune_tunix_without_the_zoo_packages_says_what_to_install(tmp_path):
+    """In this environment (transformers<5, no tunix) the tunix example must not fail:
+    it names what is missing and the install command, runs nothing and exits 0.
+    tests/zoo/test_example_tunix.py runs it for real in the zoo environment."""
+    import importlib.util
+
+    if importlib.util.find_spec("tunix") is not None:
+        pytest.skip("tunix is installed here: tests/zoo runs the example itself")
+    out = run_example("finetune_tunix.py", "--out", str(tmp_path / "run"))
+    assert "needs tunix" in out and "pip install -e '.[zoo]'" in out, out
+    assert "Nothing was run" in out
+    assert not (tmp_path / "run").exists()
