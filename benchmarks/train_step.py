@@ -9,6 +9,9 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
                    with respect to the adapters only
 ``hand``           a hand-written LoRA model: its own Dense layers compute
                    ``x·W + (s·(x·A))·B`` (the practical limit)
+``floor``          the gradient with respect to the position embedding only: every
+                   activation gradient and no weight gradient, the least work any
+                   LoRA step can do (the step's floor)
 ``merge``          naive merge-on-the-fly: ``model.apply(jlora.merge(params, adapters))``
 ``nnx``            the NNX model with ``nnx.LoRALinear`` targets
 ``qwix``           ``qwix.apply_lora_to_model`` on the Linen model (if qwix imports)
@@ -16,7 +19,7 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
 ``nf4``            ``jlora`` LoRA on an NF4-quantized base (``jlora.quantize``: QLoRA)
 ``nf4_dora``       DoRA adapters on the NF4 base
 ``bf16_base``      ``jlora`` LoRA with the base's kernels and embeddings in bfloat16
-``scan_*``         ``full``, ``jlora``, ``hand``, ``dora``, ``nf4`` with the blocks
+``scan_*``         ``full``, ``floor``, ``jlora``, ``hand``, ``dora``, ``nf4`` with the blocks
                    under ``nn.scan`` + ``nn.remat``
 ``infer_*``        forward only: ``base`` weights, jlora ``unmerged``, ``merged`` weights
 =================  ====================================================================
@@ -57,7 +60,9 @@ ALL_VARIANTS = (
     "merge",
     "nnx",
     "qwix",
+    "floor",
     "scan_full",
+    "scan_floor",
     "scan_jlora",
     "scan_hand",
     "dora",
@@ -187,6 +192,16 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
                 return next_token_loss(model.apply(trainable, tokens[:, :-1]), tokens)
 
             variants[name] = _train_variant(name, loss_full, params, None, tokens, tx, shapes)
+        elif kind == "floor":
+            model, params, _, shapes = base(scan)
+            trainable, frozen = _split(params, lambda path: path[-1] == "positions")
+            trainable = jax.tree.map(jnp.copy, trainable)  # donated
+
+            def loss_floor(trainable, frozen, tokens, model=model):
+                logits = model.apply(_join(trainable, frozen), tokens[:, :-1])
+                return next_token_loss(logits, tokens)
+
+            variants[name] = _train_variant(name, loss_floor, trainable, frozen, tokens, tx, shapes)
         elif kind == "jlora":
             model, params, adapters, shapes = base(scan)
             apply_lora = jlora.lora(model.apply)
@@ -468,13 +483,17 @@ def main(argv=None) -> dict:
         rows[name]["cpu_times_s"] = cpu_times[name]
     pairs = [
         ("jlora", "hand"),
+        ("jlora", "floor"),
         ("jlora", "full"),
+        ("floor", "full"),
         ("hand", "full"),
         ("merge", "full"),
         ("nnx", "full"),
         ("qwix", "full"),
         ("scan_jlora", "scan_hand"),
+        ("scan_jlora", "scan_floor"),
         ("scan_jlora", "scan_full"),
+        ("scan_floor", "scan_full"),
         ("scan_hand", "scan_full"),
         ("dora", "jlora"),
         ("dora", "full"),
