@@ -30,7 +30,10 @@ TARGETS = ("q", "k", "v", "o", "up", "down")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Model and batch sizes; ``dtype`` is the compute dtype (parameters stay float32)."""
+    """Model and batch sizes; ``dtype`` is the compute dtype. ``base_dtype`` is the
+    dtype the train-step benchmark stores a frozen base's matrices in (the model
+    initializes float32; adapters, full fine-tuning's master weights and optimizer
+    states stay float32)."""
 
     vocab: int = 8192
     d_model: int = 512
@@ -40,6 +43,7 @@ class Config:
     seq: int = 256
     batch: int = 4
     dtype: str = "float32"
+    base_dtype: str = "float32"
 
     @property
     def compute_dtype(self):

@@ -166,6 +166,14 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
     variants: dict[str, Variant] = {}
     plain: dict[bool, tuple] = {}
 
+    base_dtype = jnp.dtype(config.base_dtype)
+
+    def frozen_base(tree):
+        """A frozen base as the run stores it: matrices in ``base_dtype``."""
+        if base_dtype == jnp.float32:
+            return tree
+        return jax.tree.map(lambda x: x.astype(base_dtype) if x.ndim >= 2 else x, tree)
+
     def base(scan: bool):
         """Plain model, its params and (non-zero) jlora adapters, built once per layout."""
         if scan not in plain:
@@ -181,6 +189,11 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
             plain[scan] = (model, params, adapters, shapes)
         return plain[scan]
 
+    def frozen(scan: bool):
+        """``base(scan)`` with its params as a frozen base (``base_dtype``)."""
+        model, params, adapters, shapes = base(scan)
+        return model, frozen_base(params), adapters, shapes
+
     for name in names:
         scan = name.startswith("scan_")
         kind = name.removeprefix("scan_")
@@ -194,16 +207,17 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
             variants[name] = _train_variant(name, loss_full, params, None, tokens, tx, shapes)
         elif kind == "floor":
             model, params, _, shapes = base(scan)
-            trainable, frozen = _split(params, lambda path: path[-1] == "positions")
+            trainable, fixed = _split(params, lambda path: path[-1] == "positions")
             trainable = jax.tree.map(jnp.copy, trainable)  # donated
+            fixed = frozen_base(fixed)
 
             def loss_floor(trainable, frozen, tokens, model=model):
                 logits = model.apply(_join(trainable, frozen), tokens[:, :-1])
                 return next_token_loss(logits, tokens)
 
-            variants[name] = _train_variant(name, loss_floor, trainable, frozen, tokens, tx, shapes)
+            variants[name] = _train_variant(name, loss_floor, trainable, fixed, tokens, tx, shapes)
         elif kind == "jlora":
-            model, params, adapters, shapes = base(scan)
+            model, params, adapters, shapes = frozen(scan)
             apply_lora = jlora.lora(model.apply)
 
             def loss_jlora(adapters, params, tokens, apply_lora=apply_lora):
@@ -215,6 +229,8 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
         elif kind in ("dora", "nf4", "nf4_dora", "bf16_base"):
             # The kinds: a DoRA adapter, an NF4 (QLoRA) or bfloat16 base, and both.
             model, params, adapters, shapes = base(scan)
+            if not kind.startswith("nf4"):
+                params = frozen_base(params)
             if kind.startswith("nf4"):
                 params = jlora.quantize(params, list(TARGETS), fn=model.apply, args=(inputs,))
             elif kind == "bf16_base":
@@ -234,7 +250,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
                 name, loss_kind, jax.tree.map(jnp.copy, adapters), params, tokens, tx, shapes
             )
         elif kind == "merge":
-            model, params, adapters, shapes = base(scan)
+            model, params, adapters, shapes = frozen(scan)
 
             def loss_merge(adapters, params, tokens, model=model):
                 merged = jlora.merge(params, adapters)
@@ -255,14 +271,15 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
                 )
                 model = qwix.apply_lora_to_model(GPT(config, scan=scan), provider)
             params = model.init(key_model, inputs)
-            trainable, frozen = _split(params, lambda path: path[-1] in LORA_NAMES)
+            trainable, fixed = _split(params, lambda path: path[-1] in LORA_NAMES)
             trainable = jax.tree.map(lambda x: x + 1e-3, trainable)
+            fixed = frozen_base(fixed)
 
             def loss_split(trainable, frozen, tokens, model=model):
                 logits = model.apply(_join(trainable, frozen), tokens[:, :-1])
                 return next_token_loss(logits, tokens)
 
-            variants[name] = _train_variant(name, loss_split, trainable, frozen, tokens, tx, shapes)
+            variants[name] = _train_variant(name, loss_split, trainable, fixed, tokens, tx, shapes)
         elif kind == "nnx":
             _, _, _, shapes = base(False)
             model = NnxGPT(config, rank, rngs=nnx.Rngs(seed))
@@ -275,7 +292,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
 
             variants[name] = _train_variant(name, loss_nnx, lora_state, rest, tokens, tx, shapes)
         elif kind.startswith("infer_"):
-            model, params, adapters, shapes = base(scan)
+            model, params, adapters, shapes = frozen(scan)
             how = kind.removeprefix("infer_")
             if how == "unmerged":
                 apply_lora = jlora.lora(model.apply)
@@ -382,7 +399,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--seq", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--dtype", help="compute dtype (default float32 on CPU, else bfloat16)")
+    parser.add_argument(
+        "--dtype",
+        help="compute dtype (default float32 on CPU, else bfloat16); bfloat16 also stores "
+        "the frozen bases in bfloat16 (adapters, optimizer states and full fine-tuning's "
+        "master weights stay float32), as tpu_scripts/train.py trains",
+    )
+    parser.add_argument("--base-dtype", help="frozen base matrices' dtype (default: --dtype)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--repeats", type=int, help="timed rounds (default 10, quick 3)")
@@ -406,7 +429,7 @@ def make_config(args: argparse.Namespace):
 
     config = QUICK if args.quick else REFERENCE
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    overrides = {"dtype": dtype}
+    overrides = {"dtype": dtype, "base_dtype": args.base_dtype or dtype}
     for field in ("layers", "d_model", "heads", "mlp", "vocab", "seq", "batch"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
@@ -416,7 +439,7 @@ def make_config(args: argparse.Namespace):
 def config_argv(args: argparse.Namespace, config) -> list[str]:
     """Flags that rebuild exactly ``config`` in a subprocess."""
     argv = ["--no-memory", "--rank", str(args.rank), "--alpha", str(args.alpha)]
-    argv += ["--seed", str(args.seed), "--dtype", config.dtype]
+    argv += ["--seed", str(args.seed), "--dtype", config.dtype, "--base-dtype", config.base_dtype]
     for field in ("layers", "d_model", "heads", "mlp", "vocab", "seq", "batch"):
         argv += ["--" + field.replace("_", "-"), str(getattr(config, field))]
     return argv
@@ -499,6 +522,7 @@ def main(argv=None) -> dict:
         ("dora", "full"),
         ("scan_dora", "scan_jlora"),
         ("nf4", "jlora"),
+        ("nf4", "bf16_base"),
         ("scan_nf4", "scan_jlora"),
         ("nf4_dora", "dora"),
         ("bf16_base", "jlora"),
