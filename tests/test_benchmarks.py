@@ -68,3 +68,15 @@ def test_loftq_quick(tmp_path):
         assert row["flops"] > 0 and row["loss_end"] < row["loss_0"]
     # NF4 stores about 4.1 bits per targeted weight, float32 32.
     assert rows[1]["base_bytes"] < rows[0]["base_bytes"] / 4
+
+
+@pytest.mark.slow
+def test_gpu_step_quick(tmp_path):
+    """benchmarks/gpu.sh's program on the tiny preset (any backend): both variants run,
+    and XLA counts fewer FLOPs for the LoRA step than for full fine-tuning."""
+    result = run_quick("benchmarks.gpu_step", tmp_path / "gpu_step.json")
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"full", "jlora"}
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert 0 < rows["jlora"]["xla_tflop"] < rows["full"]["xla_tflop"]
+    assert result["jlora_over_full"] > 0
