@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -196,3 +197,103 @@ def test_every_llama_target_runs_factored():
     report = jlora.explain(model.apply, params, adapters, tokens)
     assert len(report) == 8
     assert all(uses.materialized == 0 and uses.factored >= 1 for uses in report.values()), report
+
+
+# -- gradient accumulation: --accum N is the whole batch's update ----------------------
+
+
+@functools.cache
+def tiny_training():
+    """The tiny preset on a (1, 4, 2) mesh, a batch of 16 sequences of 9 tokens,
+    adapters with both factors random (so that A and B both get gradients), and plain
+    SGD at learning rate 1 (Adam's first step would hide the gradient's scale).
+
+    Weights and factors are drawn here from their shapes (nothing to compile)."""
+    import optax
+
+    import jlora
+
+    cfg = llama.PRESETS["tiny"]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
+    model = llama.Llama(cfg, dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh)
+    batch = train.local_batch(1, (0, 16), batch=16, seq=8, vocab=cfg.vocab_size, sequences=None)
+    tokens = jax.ShapeDtypeStruct((16, 8), jnp.int32)
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        if jax.tree_util.keystr(path).endswith("['scale']"):  # RMSNorm
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
+
+    params = jax.tree_util.tree_map_with_path(
+        draw, jax.eval_shape(model.init, jax.random.key(0), tokens)
+    )
+    spec = jlora.LoraSpec(rank=4, targets=["q", "v", "down"])
+    abstract = jax.eval_shape(
+        lambda p: jlora.init(spec, p, jax.random.key(1), fn=model.apply, args=(tokens,)), params
+    )
+    adapters = jax.tree_util.tree_map_with_path(draw, abstract)
+    return model, params, adapters, jlora.optimizer(optax.sgd(1.0), adapters), batch
+
+
+@functools.cache
+def jitted_steps(accum: int):
+    model, _, _, tx, _ = tiny_training()
+    train_step, eval_step = train.make_steps(model, tx, dropout=False, accum=accum)
+    return jax.jit(train_step), jax.jit(eval_step)
+
+
+def one_update(accum: int, batch: np.ndarray):
+    """New adapters, loss, gradient norm and eval loss of one ``train.make_steps`` step."""
+    _, params, adapters, tx, _ = tiny_training()
+    train_step, eval_step = jitted_steps(accum)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes weak and float32 scalars
+        state = {"adapters": adapters, "opt_state": tx.init(adapters)}
+        state, loss, grad_norm = train_step(state, params, jnp.asarray(batch), jax.random.key(3))
+    eval_loss = eval_step(adapters, params, jnp.asarray(batch))
+    return state["adapters"], float(loss), float(grad_norm), float(eval_loss)
+
+
+def test_accumulating_four_micro_batches_is_the_whole_batch_update():
+    batch = tiny_training()[-1]
+    whole, loss, grad_norm, eval_loss = one_update(1, batch)
+    accumulated, accum_loss, accum_norm, accum_eval = one_update(4, batch)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+        accumulated,
+        whole,
+    )
+    assert accum_loss == pytest.approx(loss, rel=1e-6)
+    assert accum_norm == pytest.approx(grad_norm, rel=1e-5)
+    assert accum_eval == pytest.approx(eval_loss, rel=1e-6) and eval_loss == pytest.approx(loss)
+
+    # A wrong accumulation would not pass the above: one micro-batch alone (rows 0, 4,
+    # 8, 12, repeated 4 times to reuse the compiled step: same mean, same gradient)
+    # gives another loss and another update; a sum of the micro-batches' gradients in
+    # place of their mean would give 4 x the norm.
+    alone, alone_loss, alone_norm, _ = one_update(1, np.tile(batch[0::4], (4, 1)))
+    assert abs(alone_loss - loss) > 1e-3 and abs(alone_norm - grad_norm) > 1e-3 * grad_norm
+    differences = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), alone, whole)
+    assert max(jax.tree_util.tree_leaves(differences)) > 1e-3
+
+
+def test_micro_batch_split_keeps_each_devices_rows():
+    micro = train.split_micro_batches(jnp.arange(16)[:, None], 4)
+    assert micro.shape == (4, 4, 1)
+    assert micro[1, :, 0].tolist() == [1, 5, 9, 13]  # strided: device d's rows stay on d
+    np.testing.assert_array_equal(np.sort(micro.reshape(-1)), np.arange(16))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "16", "--accum", "3"], "--batch 16 does not split into --accum 3"),
+        (["--batch", "16", "--accum", "4"], "--batch 16 / --accum 4 = 4 .* data x fsdp = 8"),
+        (["--batch", "16", "--accum", "0"], "--accum must be 1 or more; found 0"),
+    ],
+    ids=["indivisible", "micro_batch_over_mesh", "zero"],
+)
+def test_accum_that_does_not_split_the_batch_is_refused(argv, message):
+    # Refused before the model is built: the mesh is all 8 devices on fsdp.
+    with pytest.raises(ValueError, match=message):
+        train.main(["--no-distributed", *argv])

@@ -15,6 +15,15 @@ Examples::
         --tokenizer /data/tokenizer --ckpt-dir gs://bucket/runs/llama8b-lora \\
         --fsdp 16 --batch 64 --seq 2048 --steps 2000"
 
+Gradient accumulation: ``--accum N`` splits each global ``--batch`` into N
+micro-batches of ``batch / N`` sequences, run one after another inside the one jitted
+step (``jax.lax.scan``), their gradients summed in float32 and averaged, then ONE
+optimizer update: the same update as the whole batch at once (to float32 rounding),
+with the activation memory of ``batch / N`` sequences. The logged loss, tokens/s and
+MFU still count the whole batch; FSDP gathers the base weights once per micro-batch::
+
+    python tpu_scripts/train.py --simulate 8 --fsdp 4 --tensor 2 --batch 16 --accum 2
+
 Resuming: rerun the same command; training continues after the newest complete
 checkpoint in ``--ckpt-dir`` (same data order, same optimizer state).
 """
@@ -118,6 +127,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--seq", type=int, default=64, help="sequence length")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, default=100)
+    train.add_argument(
+        "--accum",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gradient accumulation: split each --batch into N micro-batches of batch/N "
+        "sequences (batch/N must split over data x fsdp), summed in one step before one "
+        "optimizer update; activation memory of batch/N, same update as the whole batch",
+    )
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--warmup", type=int, default=10)
     train.add_argument("--seed", type=int, default=0)
@@ -253,6 +271,38 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, batch: int) -> jax.
 # -- the step --------------------------------------------------------------------------
 
 
+def micro_batch_size(batch: int, accum: int, batch_ways: int) -> int:
+    """Sequences per micro-batch, ``batch / accum``, checked to split over the mesh.
+
+    Each micro-batch is split over the ``batch_ways = data x fsdp`` devices, as the
+    whole batch is, so ``batch`` must be divisible by ``accum`` and ``batch / accum``
+    by ``batch_ways``; a ``ValueError`` names the values otherwise.
+    """
+    if accum < 1:
+        raise ValueError(f"--accum must be 1 or more; found {accum}")
+    if batch % accum:
+        raise ValueError(f"--batch {batch} does not split into --accum {accum} equal micro-batches")
+    if (batch // accum) % batch_ways:
+        raise ValueError(
+            f"--batch {batch} / --accum {accum} = {batch // accum} sequences per micro-batch "
+            f"must split evenly over data x fsdp = {batch_ways} devices"
+        )
+    return batch // accum
+
+
+def split_micro_batches(batch_BxT: jax.Array, accum: int) -> jax.Array:
+    """``(B, T) -> (accum, B / accum, T)``: micro-batch ``i`` takes rows ``i, i + accum, ...``.
+
+    Strided rather than in blocks: a device holding a contiguous block of the batch's
+    rows (the batch sharding) holds its share of every micro-batch already, so the
+    split moves no data between devices when ``B / accum`` splits over them.
+    """
+    rows, width = batch_BxT.shape
+    if rows % accum:
+        raise ValueError(f"a batch of {rows} rows does not split into {accum} micro-batches")
+    return batch_BxT.reshape(rows // accum, accum, width).swapaxes(0, 1)
+
+
 def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, targets_BxS).mean()
 
@@ -279,21 +329,78 @@ def quantize_base(params, param_shardings, model, args, tokens_spec):
     return params, shardings_q
 
 
-def make_steps(model: llama.Llama, tx: optax.GradientTransformation, dropout: bool):
+def make_steps(
+    model: llama.Llama,
+    tx: optax.GradientTransformation,
+    dropout: bool,
+    accum: int = 1,
+    grad_shardings: Any = None,
+):
+    """``train_step(state, params, batch, key) -> (state, loss, grad_norm)`` and
+    ``eval_step(adapters, params, batch) -> loss``, to jit.
+
+    ``accum > 1`` accumulates gradients over ``accum`` micro-batches of the batch (see
+    ``accumulate``) and applies one update; ``accum == 1`` is the plain step.
+    ``grad_shardings`` (the adapters' shardings) places the accumulated gradients.
+    """
     forward = jlora.lora(model.apply)
 
     def loss_fn(adapters, params, batch, key):
         logits = forward(params, adapters, batch[:, :-1], lora_key=key if dropout else None)
         return cross_entropy(logits, batch[:, 1:])
 
+    def accumulate(adapters, params, batch, key):
+        """The loss and adapter gradients of the whole batch, one micro-batch at a time.
+
+        ``jax.lax.scan`` runs ``loss_fn``'s forward and backward on each micro-batch in
+        turn (so only one micro-batch's activations are live), summing the losses and
+        gradients in float32; both are then divided by ``accum``. Every micro-batch has
+        the same number of tokens and ``cross_entropy`` is their mean (no masking), so
+        this is the loss and gradient of the mean over the whole batch. Dropout draws a
+        key per micro-batch (``fold_in(key, i)``).
+        """
+
+        def place(tree):
+            if grad_shardings is None:
+                return tree
+            return jax.lax.with_sharding_constraint(tree, grad_shardings)
+
+        def one(carry, xs):
+            loss_sum, grad_sum = carry
+            index, micro = xs
+            micro_key = jax.random.fold_in(key, index) if dropout else key
+            loss, grads = jax.value_and_grad(loss_fn)(adapters, params, micro, micro_key)
+            grad_sum = jax.tree_util.tree_map(
+                lambda s, g: s + g.astype(jnp.float32), grad_sum, grads
+            )
+            return (loss_sum + loss.astype(jnp.float32), place(grad_sum)), None
+
+        zeros = place(jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), adapters))
+        micro_batches = split_micro_batches(batch, accum)
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            one, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro_batches)
+        )
+        grads = jax.tree_util.tree_map(lambda s, a: (s / accum).astype(a.dtype), grad_sum, adapters)
+        return loss_sum / accum, grads
+
     def train_step(state, params, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state["adapters"], params, batch, key)
+        if accum == 1:  # the plain step, compiled as without accumulation
+            loss, grads = jax.value_and_grad(loss_fn)(state["adapters"], params, batch, key)
+        else:
+            loss, grads = accumulate(state["adapters"], params, batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
         adapters = optax.apply_updates(state["adapters"], updates)
         return {"adapters": adapters, "opt_state": opt_state}, loss, optax.global_norm(grads)
 
     def eval_step(adapters, params, batch):
-        return cross_entropy(forward(params, adapters, batch[:, :-1]), batch[:, 1:])
+        if accum == 1:
+            return cross_entropy(forward(params, adapters, batch[:, :-1]), batch[:, 1:])
+        # Micro-batched like the train step, so evaluating needs no more memory than it.
+        losses = jax.lax.map(
+            lambda micro: cross_entropy(forward(params, adapters, micro[:, :-1]), micro[:, 1:]),
+            split_micro_batches(batch, accum),
+        )
+        return losses.mean()
 
     return train_step, eval_step
 
@@ -382,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(
             f"--batch {args.batch} must split evenly over data x fsdp = {batch_ways} devices"
         )
+    micro = micro_batch_size(args.batch, args.accum, batch_ways)
     cfg = llama.read_config(args.model_dir) if args.model_dir else llama.PRESETS[args.preset]
     model = llama.Llama(
         cfg, dtype=compute_dtype, param_dtype=param_dtype, mesh=mesh, remat_policy=args.remat
@@ -455,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     estimate = sizes.estimate(
         cfg,
         chips=jax.device_count(),
-        batch=args.batch,
+        batch=micro,  # the activations live at once: one micro-batch's
         seq=args.seq,
         rank=args.rank,
         tensor=mesh.shape["tensor"],
@@ -484,7 +592,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"resumed from step {step} in {args.ckpt_dir}")
 
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    train_step, eval_step = make_steps(model, tx, dropout=args.lora_dropout > 0)
+    train_step, eval_step = make_steps(
+        model,
+        tx,
+        dropout=args.lora_dropout > 0,
+        accum=args.accum,
+        grad_shardings=adapter_shardings,
+    )
+    if args.accum > 1:
+        log(
+            f"gradient accumulation: {args.accum} micro-batches of {micro} sequences per "
+            f"step of {args.batch}, one optimizer update"
+        )
     train_step = jax.jit(
         train_step,
         in_shardings=(state_placement, base_shardings, batch_sharding, None),
@@ -534,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Rewritten whole: gs:// objects cannot be appended to.
             metrics_path.write_text("\n".join(history) + "\n")
 
-    tokens_per_step = args.batch * args.seq
+    tokens_per_step = args.batch * args.seq  # the whole batch, all micro-batches
     model_flops = flops_per_token(cfg, args.seq, adapter_params) * tokens_per_step
     peak = peak_flops(args)
     base_key = jax.random.key(args.seed + 2)
