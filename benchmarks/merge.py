@@ -13,6 +13,9 @@ round; rounds interleave the methods:
 ``merge_inplace``   ``jax.jit(jlora.merge, donate_argnums=0)`` then the same for
                     unmerge, each timed alone: the base buffers are reused
 ``merge_eager``     ``jlora.merge`` called without ``jit`` (op by op)
+``oneshot``         the one-shot form jlora used before its blocked merge:
+                    ``W + s·A·B`` with the whole float32 product formed first
+``oneshot_inplace`` the same, donated (merged again and again into its own buffers)
 ==================  ==================================================================
 
 Throughput is the bytes of the base weights divided by the time. ``--layers`` scales
@@ -34,7 +37,23 @@ import time
 
 from benchmarks import common
 
-METHODS = ("copy", "merge", "unmerge", "merge_inplace", "unmerge_inplace", "merge_eager")
+METHODS = (
+    "copy", "merge", "unmerge", "merge_inplace", "unmerge_inplace", "merge_eager", "oneshot",
+    "oneshot_inplace",
+)  # fmt: skip
+
+
+def oneshot_merge(params, adapters):
+    """``W + s·A·B`` with the product of each whole weight formed first (the baseline)."""
+    import jax
+
+    import jlora
+    from jlora._adapter import add_delta
+
+    return jax.tree.map(
+        lambda w, a: add_delta(w, a.delta()) if jlora.is_adapter(a) else w,
+        params, adapters, is_leaf=jlora.is_adapter,
+    )  # fmt: skip
 
 
 def weight_shapes(d_model: int, kv: int, mlp: int) -> dict[str, tuple[int, int]]:
@@ -92,15 +111,24 @@ def run_dtype(args, dtype_name: str) -> dict:
     unmerge = jax.jit(jlora.unmerge)
     merge_donated = jax.jit(jlora.merge, donate_argnums=0)
     unmerge_donated = jax.jit(jlora.unmerge, donate_argnums=0)
+    oneshot = jax.jit(oneshot_merge)
+    oneshot_donated = jax.jit(oneshot_merge, donate_argnums=0)
     compiled = {
         "copy": copy.lower(params).compile(),
         "merge": merge.lower(params, adapters).compile(),
         "unmerge": unmerge.lower(params, adapters).compile(),
+        "oneshot": oneshot.lower(params, adapters).compile(),
     }
     xla = {name: common.xla_stats(c) for name, c in compiled.items()}
 
     # The in-place pair shares one buffer set: merge consumes it, unmerge gives it back.
     working = {"params": jax.tree.map(jnp.copy, params)}
+    if "oneshot_inplace" in args.methods:
+        working["oneshot"] = jax.tree.map(jnp.copy, params)
+
+    def oneshot_inplace():
+        working["oneshot"] = oneshot_donated(working["oneshot"], adapters)
+        return working["oneshot"]
 
     def merge_inplace():
         working["params"] = merge_donated(working["params"], adapters)
@@ -117,6 +145,8 @@ def run_dtype(args, dtype_name: str) -> dict:
         "merge_inplace": merge_inplace,
         "unmerge_inplace": unmerge_inplace,
         "merge_eager": lambda: jlora.merge(params, adapters),
+        "oneshot": lambda: compiled["oneshot"](params, adapters),
+        "oneshot_inplace": oneshot_inplace,
     }
     steps = {name: steps[name] for name in args.methods}
     # The in-place pair must alternate; keep it adjacent and in order within each round.
