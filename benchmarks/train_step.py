@@ -7,6 +7,8 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
 ``full``           full fine-tuning of every parameter
 ``jlora``          ``jlora.lora(model.apply)`` on the unmodified model, gradients
                    with respect to the adapters only
+``jlora_unshared`` ``jlora`` with the engine's shared-input look-ahead off: q, k and v
+                   (and any uses of one activation) each do their own ``x·A``
 ``hand``           a hand-written LoRA model: its own Dense layers compute
                    ``x·W + (s·(x·A))·B`` (the practical limit)
 ``floor``          the gradient with respect to the position embedding only: every
@@ -21,7 +23,8 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
 ``bf16_base``      ``jlora`` LoRA with the base's kernels and embeddings in bfloat16
 ``scan_*``         ``full``, ``floor``, ``jlora``, ``hand``, ``dora``, ``nf4`` with the blocks
                    under ``nn.scan`` + ``nn.remat``
-``infer_*``        forward only: ``base`` weights, jlora ``unmerged``, ``merged`` weights
+``infer_*``        forward only: ``base`` weights, jlora ``unmerged`` (``unmerged_unshared``:
+                   without the shared-input look-ahead), ``merged`` weights
 =================  ====================================================================
 
 Each variant's step time is the median of ``--repeats`` interleaved rounds; ratios are
@@ -56,6 +59,7 @@ from benchmarks import common
 ALL_VARIANTS = (
     "full",
     "jlora",
+    "jlora_unshared",
     "hand",
     "merge",
     "nnx",
@@ -64,6 +68,7 @@ ALL_VARIANTS = (
     "scan_full",
     "scan_floor",
     "scan_jlora",
+    "scan_jlora_unshared",
     "scan_hand",
     "dora",
     "scan_dora",
@@ -73,6 +78,7 @@ ALL_VARIANTS = (
     "bf16_base",
     "infer_base",
     "infer_unmerged",
+    "infer_unmerged_unshared",
     "infer_merged",
 )
 QUICK_VARIANTS = ("full", "jlora", "hand", "infer_base", "infer_unmerged")
@@ -98,8 +104,14 @@ class Variant:
     compiled: Any = None
 
     def compile(self) -> None:
+        import contextlib
+        from unittest import mock
+
         start = time.perf_counter()
-        lowered = self.fn.lower(*self.args)
+        # *_unshared: the engine's shared-input look-ahead off (each use its own x·A).
+        off = mock.patch("jlora._engine._shared_input_groups", lambda jaxpr: {})
+        with off if self.name.endswith("_unshared") else contextlib.nullcontext():
+            lowered = self.fn.lower(*self.args)
         self.lower_s = time.perf_counter() - start
         start = time.perf_counter()
         self.compiled = lowered.compile()
@@ -216,7 +228,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
                 return next_token_loss(logits, tokens)
 
             variants[name] = _train_variant(name, loss_floor, trainable, fixed, tokens, tx, shapes)
-        elif kind == "jlora":
+        elif kind in ("jlora", "jlora_unshared"):
             model, params, adapters, shapes = frozen(scan)
             apply_lora = jlora.lora(model.apply)
 
@@ -294,7 +306,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
         elif kind.startswith("infer_"):
             model, params, adapters, shapes = frozen(scan)
             how = kind.removeprefix("infer_")
-            if how == "unmerged":
+            if how in ("unmerged", "unmerged_unshared"):
                 apply_lora = jlora.lora(model.apply)
                 fn = jax.jit(lambda p, a, t, apply_lora=apply_lora: apply_lora(p, a, t[:, :-1]))
                 args = (params, adapters, tokens)
@@ -506,6 +518,9 @@ def main(argv=None) -> dict:
         rows[name]["cpu_times_s"] = cpu_times[name]
     pairs = [
         ("jlora", "hand"),
+        ("jlora", "jlora_unshared"),
+        ("scan_jlora", "scan_jlora_unshared"),
+        ("jlora_unshared", "floor"),
         ("jlora", "floor"),
         ("jlora", "full"),
         ("floor", "full"),
@@ -527,6 +542,8 @@ def main(argv=None) -> dict:
         ("nf4_dora", "dora"),
         ("bf16_base", "jlora"),
         ("infer_unmerged", "infer_merged"),
+        ("infer_unmerged", "infer_unmerged_unshared"),
+        ("infer_unmerged_unshared", "infer_merged"),
         ("infer_merged", "infer_base"),
     ]
     for numerator, denominator in pairs:

@@ -37,7 +37,7 @@ from jax.extend import core as jcore
 
 from jlora._adapter import Layout, LoraAdapter
 from jlora._compress import LowRankWeight
-from jlora._lowrank import lowrank
+from jlora._lowrank import lowrank, lowrank_shared
 from jlora._paths import path_str
 from jlora._primitives import (
     bind,
@@ -201,6 +201,10 @@ class _Context:
     lora_ids: Array | None = None
     aux: list | None = None  # (sum, count) pairs of balance losses, when collected
     forms: dict[Path, dict[str, int]] | None = None  # factored uses by form, for explain
+    # Low-rank terms computed ahead, by equation id, for uses sharing one input (and the
+    # group's size): see _shared_input_terms.
+    shared: dict[int, Array] = dataclasses.field(default_factory=dict)
+    shared_sizes: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def count(self, path: Path, factored: bool, form: str | None = None) -> None:
         if self.counts is not None:
@@ -300,7 +304,10 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> lis
         env[var] = value
     for var, value in zip(jaxpr.invars, args):
         env[var] = value
-    for eqn in jaxpr.eqns:
+    groups = _shared_input_groups(jaxpr) if ctx.fast_backward else {}
+    for index, eqn in enumerate(jaxpr.eqns):
+        if index in groups:
+            _shared_input_terms([jaxpr.eqns[j] for j in groups[index]], env, ctx)
         invals = [read(v) for v in eqn.invars]
         outvals = None
         if any(isinstance(v, _PendingSum) for v in invals):
@@ -315,6 +322,66 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: list, args: list, ctx: _Context) -> lis
             if not isinstance(var, jcore.DropVar):
                 env[var] = value
     return [_resolve(read(v)) for v in jaxpr.outvars]
+
+
+def _shared_input_groups(jaxpr: jcore.Jaxpr) -> dict[int, list[int]]:
+    """``{first index: indices}`` of the ``dot_general`` s that read one activation
+    variable as their lhs and a variable as their rhs (q, k, v of one input; gate and
+    up), for groups of two or more: the look-ahead of :func:`_shared_input_terms`."""
+    by_input: dict[Any, list[int]] = {}
+    for index, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive is not P.dot_general_p:
+            continue
+        lhs, rhs = eqn.invars
+        if isinstance(lhs, jcore.Literal) or isinstance(rhs, jcore.Literal):
+            continue
+        by_input.setdefault(lhs, []).append(index)
+    return {indices[0]: indices for indices in by_input.values() if len(indices) > 1}
+
+
+def _shared_input_terms(eqns: list, env: dict, ctx: _Context) -> None:
+    """Compute ahead, in one ``x·[A_1|...|A_k]`` product (:func:`lowrank_shared`), the
+    low-rank terms of the plain-LoRA projections among ``eqns`` that read the same
+    activation ``x``: the first of them is about to run, and the others' weights are
+    already known. Each term is kept for its equation's own :meth:`DotUse.lowrank`."""
+    x = env.get(eqns[0].invars[0])
+    if not isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return
+    members = []
+    for eqn in eqns:
+        target = env.get(eqn.invars[1])
+        if not isinstance(target, Target) or type(target.adapter) is not LoraAdapter:
+            continue
+        if target.adapter.dropout > 0.0 and ctx.key is not None:
+            continue  # each use draws its own dropout mask: no shared input
+        use = DotUse.decode(eqn, [x, target], ctx)
+        if use is None or not use._is_plain_projection():
+            continue
+        preferred = eqn.params.get("preferred_element_type")
+        if preferred not in (None, x.dtype) or eqn.outvars[0].aval.dtype != x.dtype:
+            continue
+        members.append((eqn, target.adapter, use))
+    precisions = {str(eqn.params.get("precision")) for eqn, _, _ in members}
+    if len(members) < 2 or len(precisions) != 1:
+        return
+    n_in = {len(adapter.layout.in_axes) for _, adapter, _ in members}
+    features = {adapter.layout.in_features for _, adapter, _ in members}
+    if len(n_in) != 1 or len(features) != 1:
+        return
+    (n_in,), (in_features,) = n_in, features
+    free_shape = x.shape[: x.ndim - n_in]
+    a_list, b_list = [], []
+    for _, adapter, _ in members:
+        rank = adapter.lora_a.shape[-1]
+        a_list.append(adapter.lora_a.reshape(in_features, rank).astype(x.dtype))
+        b_list.append(adapter.lora_b.reshape(rank, -1).astype(x.dtype))
+    terms = lowrank_shared(
+        x.reshape(*free_shape, in_features), tuple(a_list), tuple(b_list),
+        tuple(adapter.scale for _, adapter, _ in members), members[0][0].params.get("precision"),
+    )  # fmt: skip
+    for (eqn, adapter, _), term in zip(members, terms):
+        ctx.shared[id(eqn)] = term.reshape(*free_shape, *adapter.lora_b.shape[1:])
+        ctx.shared_sizes[id(eqn)] = len(members)
 
 
 def _target_eqn(eqn: jcore.JaxprEqn, invals: list, ctx: _Context) -> list:
@@ -413,6 +480,9 @@ class DotUse:
         preferred = eqn.params.get("preferred_element_type")
         out_dtype = eqn.outvars[0].aval.dtype
         same_dtypes = preferred in (None, x.dtype) and out_dtype == x.dtype
+        shared = self.ctx.shared.pop(id(eqn), None)
+        if shared is not None:  # computed ahead with the other uses of this input
+            return shared
         if self.ctx.fast_backward and same_dtypes and self._is_plain_projection():
             # x's trailing axes against W's input axes, in order: the common Dense/Linear
             # case, through the low-rank product whose VJP keeps to XLA's fast GEMM forms.
@@ -897,7 +967,10 @@ def _contraction(decode: Callable) -> Callable:
         out = target.adapter.output(use, x_low, base, target.weight)
         if out is None:
             return None
-        ctx.count(target.path, factored=True, form=_form(use, target.adapter))
+        form = _form(use, target.adapter)
+        if id(eqn) in ctx.shared_sizes:
+            form += f", shared input ×{ctx.shared_sizes[id(eqn)]}"
+        ctx.count(target.path, factored=True, form=form)
         y, u = out
         return [y if u is None else _PendingSum(y, u)]
 
