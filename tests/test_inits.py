@@ -24,7 +24,10 @@ IN, OUT, RANK, ALPHA = 12, 10, 4, 8.0
 
 
 def _peft_layer(init: str, weight: np.ndarray):
-    """PEFT's init of a Linear whose torch weight is ``weight`` ``(out, in)``."""
+    """PEFT's init of a Linear whose torch weight is ``weight`` ``(out, in)``, from a
+    seeded torch generator (PEFT draws from torch's global one, whose state otherwise
+    depends on which tests ran before in the same worker)."""
+    torch.manual_seed(0)
     module = torch.nn.Sequential()
     module.add_module("proj", torch.nn.Linear(IN, OUT, bias=False))
     with torch.no_grad():
