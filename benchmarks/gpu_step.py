@@ -67,18 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def peak_flops(args) -> float | None:
-    import jax
-
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    kind = jax.devices()[0].device_kind
-    for name, tflops in PEAK_TFLOPS.items():
-        if kind.startswith(name):
-            return tflops * 1e12
-    return None
-
-
 def build(args):
     """``({name: (compiled step, state)}, model FLOPs per token by name, config)``."""
     import jax
@@ -153,7 +141,9 @@ def main(argv=None) -> dict:
     times, _ = common.interleaved(
         {name: runner(name) for name in steps}, repeats=args.repeats, warmup=args.warmup
     )
-    peak = peak_flops(args)
+    import train as tpu_train
+
+    peak = tpu_train.peak_flops(args, PEAK_TFLOPS)
     tokens_per_step = args.batch * args.seq
     rows = []
     for name, entry in steps.items():

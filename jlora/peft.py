@@ -731,10 +731,17 @@ def _expert_params_of(path: Path, node: LoraAdapter, key_map: Callable, spec: Lo
     for index in np.ndindex(*layout.stack_shape[:n_outer]):
         a, b = a_all[index], b_all[index]  # (E, in, r), (E, r, out)
         left, right = (np.swapaxes(b, 1, 2), np.swapaxes(a, 1, 2)) if transposed else (a, b)
-        n_experts, d0, rank = left.shape  # delta_e = s·left_e (d0, r)·right_e (r, d1)
-        lora_a = right.reshape(n_experts * rank, right.shape[-1])
-        lora_b = np.transpose(left, (1, 2, 0)).reshape(d0, rank * n_experts)
-        yield module.format(*index), param, lora_a, lora_b
+        yield module.format(*index), param, *_param_wrapper_factors(left, right)
+
+
+def _param_wrapper_factors(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT ``ParamWrapper``'s ``(lora_A (E·r, d1), lora_B (d0, r·E))`` for the expert
+    deltas ``s·left_e (d0, r)·right_e (r, d1)``: ``A_e`` is rows ``e·r..e·r+r`` of
+    lora_A, ``B_e`` the columns ``e, E+e, ...`` of lora_B."""
+    n_experts, d0, rank = left.shape
+    lora_a = right.reshape(n_experts * rank, right.shape[-1])
+    lora_b = np.transpose(left, (1, 2, 0)).reshape(d0, rank * n_experts)
+    return lora_a, lora_b
 
 
 def _expert_factors(path: Path, node: Any, key_map: Callable, spec: LoraSpec):
@@ -826,9 +833,7 @@ def _key_map_expert_params(by_param, key_map: Callable, spec: LoraSpec):
             else:
                 left = np.concatenate(shared, axis=2)  # (E, in, R)
                 right = _block_diagonal(blocks)  # (E, R, Σout)
-            n_experts, d0, _ = left.shape
-            lora_a = right.reshape(n_experts * rank, right.shape[-1])
-            lora_b = np.transpose(left, (1, 2, 0)).reshape(d0, rank * n_experts)
+            lora_a, lora_b = _param_wrapper_factors(left, right)
             yield module.format(*index), param, entries[0][2], lora_a, lora_b, rank, alpha
 
 

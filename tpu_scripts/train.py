@@ -417,11 +417,13 @@ def flops_per_token(cfg: llama.LlamaConfig, seq: int, adapter_params: int) -> fl
     return 2 * forward + 6 * adapter_params
 
 
-def peak_flops(args: argparse.Namespace) -> float | None:
+def peak_flops(args: argparse.Namespace, table: dict[str, float] | None = None) -> float | None:
+    """``--peak-tflops``, else the first ``table`` entry (default: the TPU generations)
+    that device 0's ``device_kind`` starts with, in FLOP/s; None when none does."""
     if args.peak_tflops:
         return args.peak_tflops * 1e12
     kind = jax.devices()[0].device_kind
-    for name, tflops in PEAK_TFLOPS.items():
+    for name, tflops in (PEAK_TFLOPS if table is None else table).items():
         if kind.startswith(name):
             return tflops * 1e12
     return None
