@@ -9,6 +9,8 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
                    with respect to the adapters only
 ``jlora_unshared`` ``jlora`` with the engine's shared-input look-ahead off: q, k and v
                    (and any uses of one activation) each do their own ``x·A``
+``jlora_dots``     ``jlora`` with the forward's ``t·B`` always a GEMM (the engine's
+                   outer-product form for ranks <= 16 off)
 ``hand``           a hand-written LoRA model: its own Dense layers compute
                    ``x·W + (s·(x·A))·B`` (the practical limit)
 ``floor``          the gradient with respect to the position embedding only: every
@@ -24,7 +26,8 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
 ``scan_*``         ``full``, ``floor``, ``jlora``, ``hand``, ``dora``, ``nf4`` with the blocks
                    under ``nn.scan`` + ``nn.remat``
 ``infer_*``        forward only: ``base`` weights, jlora ``unmerged`` (``unmerged_unshared``:
-                   without the shared-input look-ahead), ``merged`` weights
+                   without the shared-input look-ahead; ``unmerged_dots``: ``t·B`` as a
+                   GEMM), ``merged`` weights
 =================  ====================================================================
 
 Each variant's step time is the median of ``--repeats`` interleaved rounds; ratios are
@@ -60,6 +63,7 @@ ALL_VARIANTS = (
     "full",
     "jlora",
     "jlora_unshared",
+    "jlora_dots",
     "hand",
     "merge",
     "nnx",
@@ -69,6 +73,7 @@ ALL_VARIANTS = (
     "scan_floor",
     "scan_jlora",
     "scan_jlora_unshared",
+    "scan_jlora_dots",
     "scan_hand",
     "dora",
     "scan_dora",
@@ -79,6 +84,7 @@ ALL_VARIANTS = (
     "infer_base",
     "infer_unmerged",
     "infer_unmerged_unshared",
+    "infer_unmerged_dots",
     "infer_merged",
 )
 QUICK_VARIANTS = ("full", "jlora", "hand", "infer_base", "infer_unmerged")
@@ -109,8 +115,14 @@ class Variant:
 
         start = time.perf_counter()
         # *_unshared: the engine's shared-input look-ahead off (each use its own x·A).
-        off = mock.patch("jlora._engine._shared_input_groups", lambda jaxpr: {})
-        with off if self.name.endswith("_unshared") else contextlib.nullcontext():
+        # *_dots: the forward's t·B always a GEMM (no outer-product form).
+        if self.name.endswith("_unshared"):
+            off = mock.patch("jlora._engine._shared_input_groups", lambda jaxpr: {})
+        elif self.name.endswith("_dots"):
+            off = mock.patch("jlora._lowrank.OUTER_PRODUCT_MAX_RANK", 0)
+        else:
+            off = contextlib.nullcontext()
+        with off:
             lowered = self.fn.lower(*self.args)
         self.lower_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -228,7 +240,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
                 return next_token_loss(logits, tokens)
 
             variants[name] = _train_variant(name, loss_floor, trainable, fixed, tokens, tx, shapes)
-        elif kind in ("jlora", "jlora_unshared"):
+        elif kind in ("jlora", "jlora_unshared", "jlora_dots"):
             model, params, adapters, shapes = frozen(scan)
             apply_lora = jlora.lora(model.apply)
 
@@ -306,7 +318,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
         elif kind.startswith("infer_"):
             model, params, adapters, shapes = frozen(scan)
             how = kind.removeprefix("infer_")
-            if how in ("unmerged", "unmerged_unshared"):
+            if how.startswith("unmerged"):
                 apply_lora = jlora.lora(model.apply)
                 fn = jax.jit(lambda p, a, t, apply_lora=apply_lora: apply_lora(p, a, t[:, :-1]))
                 args = (params, adapters, tokens)
@@ -520,6 +532,10 @@ def main(argv=None) -> dict:
         ("jlora", "hand"),
         ("jlora", "jlora_unshared"),
         ("scan_jlora", "scan_jlora_unshared"),
+        ("jlora", "jlora_dots"),
+        ("scan_jlora", "scan_jlora_dots"),
+        ("jlora_dots", "full"),
+        ("scan_jlora_dots", "scan_full"),
         ("jlora_unshared", "floor"),
         ("jlora", "floor"),
         ("jlora", "full"),
@@ -544,6 +560,8 @@ def main(argv=None) -> dict:
         ("infer_unmerged", "infer_merged"),
         ("infer_unmerged", "infer_unmerged_unshared"),
         ("infer_unmerged_unshared", "infer_merged"),
+        ("infer_unmerged", "infer_unmerged_dots"),
+        ("infer_unmerged_dots", "infer_merged"),
         ("infer_merged", "infer_base"),
     ]
     for numerator, denominator in pairs:
