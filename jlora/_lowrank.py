@@ -59,8 +59,9 @@ def _outer_form(t: Array) -> bool:
     )
 
 
-def _expand(xa: Array, b: Array, scale: float, precision) -> Array:
-    """``s·(x·A)·B`` from ``xa = x·A (..., r)`` and ``B (r, out)``, in ``xa``'s dtype.
+def _expand(xa: Array, t: Array, b: Array, scale: float, precision) -> Array:
+    """``s·(x·A)·B`` from ``xa = x·A (..., r)``, ``t = s·xa`` and ``B (r, out)``, in
+    ``xa``'s dtype (the GEMM form uses ``t``, which the callers keep for the backward).
 
     At rank ``r ≤ OUTER_PRODUCT_MAX_RANK`` it is ``Σ_k xa[..., k:k+1]·(s·B)[k]``,
     accumulated in float32 (float64 for float64 inputs) and rounded once, as a GEMM
@@ -73,21 +74,19 @@ def _expand(xa: Array, b: Array, scale: float, precision) -> Array:
     sum made it 1.4x slower in a one-layer scan).
 
     On the reference decoder's inference this took unmerged / merged from 1.058 to
-    1.021 (float32) and from 1.165 to 1.036 (bfloat16), and the step's temporary bytes
+    1.022 (float32) and from 1.165 to 1.036 (bfloat16), and the step's temporary bytes
     from 1.82x to 1.03x the merged model's (``benchmarks/train_step.py``,
     ``infer_unmerged`` against ``infer_unmerged_dots``). Above the threshold the
     elementwise form costs more than the GEMM it replaces (rank 32: 1.18x slower in a
     one-layer measurement).
     """
     if not _outer_form(xa):
-        t = xa * jnp.asarray(scale, xa.dtype)
         return _dot(t, b, t.ndim - 1, 0, precision)
     out_dtype, rank = xa.dtype, xa.shape[-1]
     acc = xa.dtype if jnp.finfo(xa.dtype).bits >= 32 else jnp.dtype(jnp.float32)
     scaled_eye = jnp.eye(rank, dtype=acc) * jnp.asarray(scale, acc)
     sb = _dot(scaled_eye, b.astype(acc), 1, 0, jax.lax.Precision.HIGHEST)
     xa = xa.astype(acc)
-    # Rows as (1, out) slices: on a mesh, XLA gathers them as adapter-shaped pieces.
     out = xa[..., 0:1] * sb[0:1]
     for k in range(1, rank):
         out = out + xa[..., k : k + 1] * sb[k : k + 1]
@@ -96,7 +95,8 @@ def _expand(xa: Array, b: Array, scale: float, precision) -> Array:
 
 def _forward(x, a, b, scale, precision):
     xa = _dot(x, a, x.ndim - 1, 0, precision)
-    return _expand(xa, b, scale, precision), xa * jnp.asarray(scale, x.dtype)
+    t = xa * jnp.asarray(scale, x.dtype)
+    return _expand(xa, t, b, scale, precision), t
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -153,7 +153,7 @@ def _shared_forward(x, a_list, b_list, scales, precision):
         rank = a.shape[-1]
         xa = t_all[..., start : start + rank]
         ts.append(xa * jnp.asarray(scale, x.dtype))
-        outs.append(_expand(xa, b, scale, precision))
+        outs.append(_expand(xa, ts[-1], b, scale, precision))
         start += rank
     return tuple(outs), (x, a_cat, tuple(b_list), tuple(ts))
 

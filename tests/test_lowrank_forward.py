@@ -42,7 +42,7 @@ def test_expand_equals_the_float64_product(rank, x64):
     rng = np.random.default_rng(rank)
     t = rng.normal(size=(3, 5, rank))
     b = rng.normal(size=(rank, 7))
-    got = _expand(jnp.asarray(t), jnp.asarray(b), 0.75, None)
+    got = _expand(jnp.asarray(t), 0.75 * jnp.asarray(t), jnp.asarray(b), 0.75, None)
     assert got.dtype == jnp.float64 and got.shape == (3, 5, 7)
     np.testing.assert_allclose(got, 0.75 * (t @ b), rtol=1e-13, atol=1e-13)
 
@@ -53,7 +53,7 @@ def test_expand_accumulates_low_precision_in_float32():
     rank = 16
     t = jnp.ones((4, rank), jnp.bfloat16)
     b = jnp.full((rank, 3), 2.0**-9, jnp.bfloat16).at[0].set(1.0)
-    got = _expand(t, b, 1.0, None)
+    got = _expand(t, t, b, 1.0, None)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), 1.03125)
     gemm = jax.lax.dot_general(
