@@ -16,6 +16,10 @@ round; rounds interleave the methods:
 ``oneshot``         the one-shot form jlora used before its blocked merge:
                     ``W + s·A·B`` with the whole float32 product formed first
 ``oneshot_inplace`` the same, donated (merged again and again into its own buffers)
+``merge_blocks``    ``merge``, with low-rank bfloat16 merged by row blocks as float32
+                    is (``_OUTER_MAX_RANK`` set to 0 while it compiles): the path the
+                    outer-product pass replaced, side by side
+``merge_blocks_inplace``, ``unmerge_blocks_inplace``  the same for the donated pair
 ==================  ==================================================================
 
 Throughput is the bytes of the base weights divided by the time. ``--layers`` scales
@@ -39,8 +43,28 @@ from benchmarks import common
 
 METHODS = (
     "copy", "merge", "unmerge", "merge_inplace", "unmerge_inplace", "merge_eager", "oneshot",
-    "oneshot_inplace",
+    "oneshot_inplace", "merge_blocks", "merge_blocks_inplace", "unmerge_blocks_inplace",
 )  # fmt: skip
+
+
+def compile_with_blocks(fn, *args, donate: bool = False):
+    """``jax.jit(fn)`` compiled with the outer-product merge off (row blocks at any rank).
+
+    A fresh wrapper of ``fn``, so no trace cached with the default threshold is reused.
+    """
+    import jax
+
+    from jlora import _adapter
+
+    def wrapped(*a):
+        return fn(*a)
+
+    saved = _adapter._OUTER_MAX_RANK
+    _adapter._OUTER_MAX_RANK = 0
+    try:
+        return jax.jit(wrapped, donate_argnums=0 if donate else ()).lower(*args).compile()
+    finally:
+        _adapter._OUTER_MAX_RANK = saved
 
 
 def oneshot_merge(params, adapters):
@@ -119,12 +143,26 @@ def run_dtype(args, dtype_name: str) -> dict:
         "unmerge": unmerge.lower(params, adapters).compile(),
         "oneshot": oneshot.lower(params, adapters).compile(),
     }
+    if "merge_blocks" in args.methods:
+        compiled["merge_blocks"] = compile_with_blocks(jlora.merge, params, adapters)
     xla = {name: common.xla_stats(c) for name, c in compiled.items()}
 
     # The in-place pair shares one buffer set: merge consumes it, unmerge gives it back.
     working = {"params": jax.tree.map(jnp.copy, params)}
     if "oneshot_inplace" in args.methods:
         working["oneshot"] = jax.tree.map(jnp.copy, params)
+    if "merge_blocks_inplace" in args.methods:
+        working["blocks"] = jax.tree.map(jnp.copy, params)
+        merge_blocks_donated = compile_with_blocks(jlora.merge, params, adapters, donate=True)
+        unmerge_blocks_donated = compile_with_blocks(jlora.unmerge, params, adapters, donate=True)
+
+    def merge_blocks_inplace():
+        working["blocks"] = merge_blocks_donated(working["blocks"], adapters)
+        return working["blocks"]
+
+    def unmerge_blocks_inplace():
+        working["blocks"] = unmerge_blocks_donated(working["blocks"], adapters)
+        return working["blocks"]
 
     def oneshot_inplace():
         working["oneshot"] = oneshot_donated(working["oneshot"], adapters)
@@ -147,11 +185,16 @@ def run_dtype(args, dtype_name: str) -> dict:
         "merge_eager": lambda: jlora.merge(params, adapters),
         "oneshot": lambda: compiled["oneshot"](params, adapters),
         "oneshot_inplace": oneshot_inplace,
+        "merge_blocks": lambda: compiled["merge_blocks"](params, adapters),
+        "merge_blocks_inplace": merge_blocks_inplace,
+        "unmerge_blocks_inplace": unmerge_blocks_inplace,
     }
     steps = {name: steps[name] for name in args.methods}
     # The in-place pair must alternate; keep it adjacent and in order within each round.
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(1):  # warm-up (compiles the donated and eager paths)
+    # Warm-up: compiles the donated and eager paths, and lets the machine hand out the
+    # pages the outputs need (on a VM, fresh memory is slow to fault in at first).
+    for _ in range(args.warmup):
         for step in steps.values():
             common.block(step())
     for _ in common.bar(range(args.repeats), desc=f"{dtype_name} rounds", total=args.repeats):
@@ -190,13 +233,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--json", default="runs/benchmarks/merge.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.d_model, args.kv, args.mlp, args.repeats = 2, 256, 64, 1024, 2
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if ("merge_inplace" in args.methods) != ("unmerge_inplace" in args.methods):
-        parser.error("merge_inplace and unmerge_inplace run as a pair: name both or neither")
+    for first in ("merge_inplace", "merge_blocks_inplace"):
+        if (first in args.methods) != ("un" + first in args.methods):
+            parser.error(f"{first} and un{first} run as a pair: name both or neither")
     return args
 
 

@@ -1,7 +1,9 @@
 """The blocked merge (``jlora._adapter.blocked_add_product``): large 2-D weights on CPU
-are merged row block by row block, bfloat16 by its bits. It must give the values of the
-one-shot ``W + s·A·B`` (summed in float32, rounded once), whatever the layout and the
-remainder rows, and a donated merge must hold no weight-sized temporary."""
+are merged row block by row block or, for bfloat16 up to rank ``_OUTER_MAX_RANK``, in
+one elementwise pass of rank-1 outer products; bfloat16 is rounded by its bits. It
+must give the values of the one-shot ``W + s·A·B`` (summed in float32, rounded once),
+whatever the layout and the remainder rows, and a donated merge must hold no
+weight-sized temporary."""
 
 from __future__ import annotations
 
@@ -11,21 +13,27 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora._adapter import _BLOCKED_MIN, _f32_to_bf16_bits, blocked_add_product
+from jlora._adapter import _BLOCKED_MIN, _OUTER_MAX_RANK, _f32_to_bf16_bits, blocked_add_product
 
 ROWS, COLS = 2100, 1030  # > _BLOCKED_MIN elements; the rows are not a multiple of a block
 
 
-def _adapters(params, fn=None, args=()):
-    spec = jlora.LoraSpec(rank=4, alpha=8.0, targets="w")
+# A rank on each side of _OUTER_MAX_RANK: bfloat16 takes the outer-product pass at the
+# first and row blocks at the second; float32 takes row blocks at both.
+RANKS = [pytest.param(4, id="low-rank"), pytest.param(_OUTER_MAX_RANK + 4, id="high-rank")]
+
+
+def _adapters(params, fn=None, args=(), rank=4):
+    spec = jlora.LoraSpec(rank=rank, alpha=2.0 * rank, targets="w")
     adapters = jlora.init(spec, params, jax.random.key(0), fn=fn, args=args)
     rng = np.random.default_rng(1)
     return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype), adapters)
 
 
+@pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True], ids=["in-out", "out-in"])
-def test_blocked_merge_equals_the_float64_sum_rounded_once(dtype, transposed):
+def test_blocked_merge_equals_the_float64_sum_rounded_once(dtype, transposed, rank):
     assert ROWS * COLS >= _BLOCKED_MIN
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(ROWS, COLS)), dtype)
@@ -34,8 +42,9 @@ def test_blocked_merge_equals_the_float64_sum_rounded_once(dtype, transposed):
         fn, args = (lambda p, x: x @ p["w"].T), (jnp.ones((1, COLS), dtype),)
     else:
         fn, args = None, ()
-    adapters = _adapters(params, fn, args)
+    adapters = _adapters(params, fn, args, rank)
     node = adapters["w"]
+    assert node.rank == rank
     assert node.layout.in_axes == ((1,) if transposed else (0,))
     a64 = np.asarray(node.lora_a, np.float64)
     b64 = np.asarray(node.lora_b, np.float64)
@@ -80,13 +89,32 @@ def test_small_weights_and_other_backends_take_the_one_shot_path():
     np.testing.assert_array_equal(np.asarray(out), np.full((ROWS, COLS), 2.0, np.float32))
 
 
+@pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_donated_merge_has_no_weight_sized_temporary(dtype):
+def test_donated_merge_has_no_weight_sized_temporary(dtype, rank):
     """XLA's own count: merged in place, the step's temporaries are one row block's
     product (about 4 MB), not the float32 product of the whole weight, 8.7 MB here,
     which the one-shot form holds (measured: 8,652,000 bytes donated)."""
     params = {"w": jnp.ones((ROWS, COLS), dtype)}
-    adapters = _adapters(params)
+    adapters = _adapters(params, rank=rank)
     compiled = jax.jit(jlora.merge, donate_argnums=0).lower(params, adapters).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 0.6 * ROWS * COLS * 4, temp  # the float32 product is not formed whole
+
+
+def test_low_rank_bf16_merge_is_one_elementwise_pass():
+    """bfloat16 up to ``_OUTER_MAX_RANK`` merges with no matmul and no loop, and holds no
+    temporary of even a row block (the one-shot form: 8.7 MB, a block: about 4 MB);
+    above it, and for float32 at any rank, the row blocks run."""
+
+    def compiled(dtype, rank):
+        params = {"w": jnp.ones((ROWS, COLS), dtype)}
+        adapters = _adapters(params, rank=rank)
+        return jax.jit(jlora.merge, donate_argnums=0).lower(params, adapters).compile()
+
+    outer = compiled(jnp.bfloat16, _OUTER_MAX_RANK)
+    hlo = outer.as_text()
+    assert " dot(" not in hlo and " while(" not in hlo
+    assert outer.memory_analysis().temp_size_in_bytes < 0.05 * ROWS * COLS * 4
+    assert " while(" in compiled(jnp.bfloat16, _OUTER_MAX_RANK + 1).as_text()
+    assert " while(" in compiled(jnp.float32, _OUTER_MAX_RANK).as_text()
