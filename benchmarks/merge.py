@@ -19,15 +19,19 @@ round; rounds interleave the methods:
 ``merge_blocks``    ``merge``, with low-rank bfloat16 merged by row blocks as float32
                     is (``_OUTER_MAX_RANK`` set to 0 while it compiles): the path the
                     outer-product pass replaced, side by side
-``merge_blocks_inplace``, ``unmerge_blocks_inplace``  the same for the donated pair
+``merge_blocks_inplace``  the same for the donated pair (with
+``unmerge_blocks_inplace``)
 ==================  ==================================================================
 
 Throughput is the bytes of the base weights divided by the time. ``--layers`` scales
 the set down when memory or time is short (the per-byte rate hardly depends on it).
+``--warmup`` untimed rounds come first: on a VM, memory fresh to the process faults in
+slowly, and without them the first rounds of a run were up to 4.5x slower.
 
 Run from the repository root::
 
     python -m benchmarks.merge                        # 16 layers, float32 and bfloat16
+    python -m benchmarks.merge --layers 16 --dtypes bfloat16 --warmup 4 --repeats 7
     python -m benchmarks.merge --layers 4 --dtypes bfloat16
     python -m benchmarks.merge --quick
 """
