@@ -155,43 +155,34 @@ def run_dtype(args, dtype_name: str) -> dict:
     working = {"params": jax.tree.map(jnp.copy, params)}
     if "oneshot_inplace" in args.methods:
         working["oneshot"] = jax.tree.map(jnp.copy, params)
+    merge_blocks_donated = unmerge_blocks_donated = None  # compiled only when asked for
     if "merge_blocks_inplace" in args.methods:
         working["blocks"] = jax.tree.map(jnp.copy, params)
         merge_blocks_donated = compile_with_blocks(jlora.merge, params, adapters, donate=True)
         unmerge_blocks_donated = compile_with_blocks(jlora.unmerge, params, adapters, donate=True)
 
-    def merge_blocks_inplace():
-        working["blocks"] = merge_blocks_donated(working["blocks"], adapters)
-        return working["blocks"]
+    def in_place(key, donated):
+        """A step that runs ``donated`` on the buffer set ``working[key]`` and keeps its
+        result there for the next step (the donated input is consumed)."""
 
-    def unmerge_blocks_inplace():
-        working["blocks"] = unmerge_blocks_donated(working["blocks"], adapters)
-        return working["blocks"]
+        def step():
+            working[key] = donated(working[key], adapters)
+            return working[key]
 
-    def oneshot_inplace():
-        working["oneshot"] = oneshot_donated(working["oneshot"], adapters)
-        return working["oneshot"]
-
-    def merge_inplace():
-        working["params"] = merge_donated(working["params"], adapters)
-        return working["params"]
-
-    def unmerge_inplace():
-        working["params"] = unmerge_donated(working["params"], adapters)
-        return working["params"]
+        return step
 
     steps = {
         "copy": lambda: compiled["copy"](params),
         "merge": lambda: compiled["merge"](params, adapters),
         "unmerge": lambda: compiled["unmerge"](params, adapters),
-        "merge_inplace": merge_inplace,
-        "unmerge_inplace": unmerge_inplace,
+        "merge_inplace": in_place("params", merge_donated),
+        "unmerge_inplace": in_place("params", unmerge_donated),
         "merge_eager": lambda: jlora.merge(params, adapters),
         "oneshot": lambda: compiled["oneshot"](params, adapters),
-        "oneshot_inplace": oneshot_inplace,
+        "oneshot_inplace": in_place("oneshot", oneshot_donated),
         "merge_blocks": lambda: compiled["merge_blocks"](params, adapters),
-        "merge_blocks_inplace": merge_blocks_inplace,
-        "unmerge_blocks_inplace": unmerge_blocks_inplace,
+        "merge_blocks_inplace": in_place("blocks", merge_blocks_donated),
+        "unmerge_blocks_inplace": in_place("blocks", unmerge_blocks_donated),
     }
     steps = {name: steps[name] for name in args.methods}
     # The in-place pair must alternate; keep it adjacent and in order within each round.
