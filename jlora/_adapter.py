@@ -496,8 +496,9 @@ def blocked_add_product(weight: Array, left: Array, right: Array, scale: float) 
     product is a sum of rank-1 outer products in one fused elementwise pass. bfloat16
     is widened and rounded by its bits (the same values as XLA's convert), which XLA's
     CPU backend runs far faster inside the blocks' loop than its bfloat16 converts (in
-    the fused pass the two measured alike). Used on the CPU backend only, for float32 and bfloat16 weights of at least ``_BLOCKED_MIN`` elements
-    (accelerators fuse the add into the matmul).
+    the fused pass the two measured alike). Used on the CPU backend only, for float32
+    and bfloat16 weights of at least ``_BLOCKED_MIN`` elements (accelerators fuse the
+    add into the matmul).
     """
     if (
         jax.default_backend() != "cpu"
