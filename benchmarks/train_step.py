@@ -11,6 +11,8 @@ and the same batch: next-token loss, gradients, AdamW update (trainable state do
                    (and any uses of one activation) each do their own ``x·A``
 ``jlora_dots``     ``jlora`` with the forward's ``t·B`` always a GEMM (the engine's
                    outer-product form for ranks <= 16 off)
+``jlora_bwd_dots`` ``jlora`` with the backward's input gradient ``gt·Aᵀ`` always a GEMM
+                   (the engine's outer-product form for ranks <= 16 off)
 ``hand``           a hand-written LoRA model: its own Dense layers compute
                    ``x·W + (s·(x·A))·B`` (the practical limit)
 ``floor``          the gradient with respect to the position embedding only: every
@@ -64,6 +66,7 @@ ALL_VARIANTS = (
     "jlora",
     "jlora_unshared",
     "jlora_dots",
+    "jlora_bwd_dots",
     "hand",
     "merge",
     "nnx",
@@ -74,6 +77,7 @@ ALL_VARIANTS = (
     "scan_jlora",
     "scan_jlora_unshared",
     "scan_jlora_dots",
+    "scan_jlora_bwd_dots",
     "scan_hand",
     "dora",
     "scan_dora",
@@ -116,8 +120,11 @@ class Variant:
         start = time.perf_counter()
         # *_unshared: the engine's shared-input look-ahead off (each use its own x·A).
         # *_dots: the forward's t·B always a GEMM (no outer-product form).
+        # *_bwd_dots: the backward's gt·Aᵀ always a GEMM.
         if self.name.endswith("_unshared"):
             off = mock.patch("jlora._engine._shared_input_groups", lambda jaxpr: {})
+        elif self.name.endswith("_bwd_dots"):
+            off = mock.patch("jlora._lowrank.OUTER_BACKWARD_MAX_RANK", 0)
         elif self.name.endswith("_dots"):
             off = mock.patch("jlora._lowrank.OUTER_PRODUCT_MAX_RANK", 0)
         else:
@@ -240,7 +247,7 @@ def build(names: list[str], config, rank: int, alpha: float, seed: int) -> dict[
                 return next_token_loss(logits, tokens)
 
             variants[name] = _train_variant(name, loss_floor, trainable, fixed, tokens, tx, shapes)
-        elif kind in ("jlora", "jlora_unshared", "jlora_dots"):
+        elif kind in ("jlora", "jlora_unshared", "jlora_dots", "jlora_bwd_dots"):
             model, params, adapters, shapes = frozen(scan)
             apply_lora = jlora.lora(model.apply)
 
@@ -534,6 +541,10 @@ def main(argv=None) -> dict:
         ("scan_jlora", "scan_jlora_unshared"),
         ("jlora", "jlora_dots"),
         ("scan_jlora", "scan_jlora_dots"),
+        ("jlora", "jlora_bwd_dots"),
+        ("scan_jlora", "scan_jlora_bwd_dots"),
+        ("jlora_bwd_dots", "floor"),
+        ("scan_jlora_bwd_dots", "scan_floor"),
         ("jlora_dots", "full"),
         ("scan_jlora_dots", "scan_full"),
         ("jlora_unshared", "floor"),
