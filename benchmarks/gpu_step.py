@@ -7,6 +7,10 @@ dimensions of Llama 3.2 1B (1.24 B parameters, random weights) at sequence 2048:
 ``full``   full fine-tuning: float32 master weights and AdamW state, bf16 compute
 ``jlora``  ``jlora.lora(model.apply)``: a bf16 frozen base, float32 adapters (rank 16
            on q, k, v, o, gate, up, down) and AdamW state, bf16 compute
+``jlora_fast``  with ``--fast-backward``: ``jlora`` with ``jlora.lora(...,
+           fast_backward=True)`` (the CPU default, off on GPU): the shared-input
+           look-ahead, the outer-product forms and the custom-VJP backward, to tell
+           whether they pay on this GPU (``jlora_fast / jlora`` is printed)
 =========  ===========================================================================
 
 It prints each step's time (median of interleaved rounds), tokens/s, MFU and XLA's
@@ -59,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s for MFU")
+    parser.add_argument(
+        "--fast-backward", action="store_true",
+        help="also time jlora with fast_backward=True (the CPU default) as jlora_fast",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny preset, seq 64 (smoke test)")
     parser.add_argument("--json", default="runs/benchmarks/gpu_step.json")
     args = parser.parse_args(argv)
@@ -99,20 +107,27 @@ def build(args):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    apply_lora = jlora.lora(model.apply)
+    def lora_step_of(apply_lora):
+        def lora_step(adapters, opt_state, tokens):
+            loss, grads = jax.value_and_grad(
+                lambda a: loss_of(apply_lora(base, a, tokens[:, :-1]), tokens)
+            )(adapters)
+            updates, opt_state = tx.update(grads, opt_state, adapters)
+            return optax.apply_updates(adapters, updates), opt_state, loss
 
-    def lora_step(adapters, opt_state, tokens):
-        loss, grads = jax.value_and_grad(
-            lambda a: loss_of(apply_lora(base, a, tokens[:, :-1]), tokens)
-        )(adapters)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
+        return lora_step
 
     n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
     lora_flops = tpu_train.flops_per_token(cfg, args.seq, n_adapter)
-    flops = {"full": 1.5 * tpu_train.flops_per_token(cfg, args.seq, 0), "jlora": lora_flops}
+    flops = {"full": 1.5 * tpu_train.flops_per_token(cfg, args.seq, 0), "jlora": lora_flops,
+             "jlora_fast": lora_flops}  # fmt: skip
+    variants = [("full", full_step, master),
+                ("jlora", lora_step_of(jlora.lora(model.apply)), adapters)]  # fmt: skip
+    if args.fast_backward:
+        fast = jlora.lora(model.apply, fast_backward=True)
+        variants.append(("jlora_fast", lora_step_of(fast), adapters))
     steps = {}
-    for name, fn, state in (("full", full_step, master), ("jlora", lora_step, adapters)):
+    for name, fn, state in variants:
         jitted = jax.jit(fn, donate_argnums=(0, 1))
         start = time.perf_counter()
         compiled = jitted.lower(state, tx.init(state), tokens).compile()
@@ -175,9 +190,14 @@ def main(argv=None) -> dict:
     ]
     print(common.table(shown, [(key, header, "") for key, header, _ in columns]))
     print(f"\njlora / full step time: {ratio:.3f} (median of {args.repeats} paired rounds)")
+    if "jlora_fast" in steps:
+        fast_ratio = common.median_ratio(times, "jlora_fast", "jlora")
+        print(f"jlora_fast / jlora step time: {fast_ratio:.3f} (fast_backward=True / default)")
     if peak is None:
         print(f"MFU: no peak known for {jax.devices()[0].device_kind!r}; pass --peak-tflops")
     result = {"environment": env, "args": vars(args), "rows": rows, "jlora_over_full": ratio}
+    if "jlora_fast" in steps:
+        result["jlora_fast_over_jlora"] = fast_ratio
     common.write_json(args.json, result)
     print(f"wrote {args.json}")
     return result

@@ -17,10 +17,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_quick(module: str, json_path: pathlib.Path) -> dict:
+def run_quick(module: str, json_path: pathlib.Path, *flags: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, "-m", module, "--quick", "--json", str(json_path)]
+    command = [sys.executable, "-m", module, "--quick", "--json", str(json_path), *flags]
     proc = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -72,11 +72,14 @@ def test_loftq_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_step_quick(tmp_path):
-    """benchmarks/gpu.sh's program on the tiny preset (any backend): both variants run,
-    and XLA counts fewer FLOPs for the LoRA step than for full fine-tuning."""
-    result = run_quick("benchmarks.gpu_step", tmp_path / "gpu_step.json")
+    """benchmarks/gpu.sh's program on the tiny preset (any backend): the variants run
+    (``--fast-backward`` adds ``jlora_fast``), and XLA counts fewer FLOPs for the LoRA
+    steps than for full fine-tuning."""
+    result = run_quick("benchmarks.gpu_step", tmp_path / "gpu_step.json", "--fast-backward")
     rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) == {"full", "jlora"}
+    assert set(rows) == {"full", "jlora", "jlora_fast"}
+    assert 0 < rows["jlora_fast"]["xla_tflop"] < rows["full"]["xla_tflop"]
+    assert result["jlora_fast_over_jlora"] > 0
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
     assert 0 < rows["jlora"]["xla_tflop"] < rows["full"]["xla_tflop"]
     assert result["jlora_over_full"] > 0
