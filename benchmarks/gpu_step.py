@@ -125,7 +125,8 @@ def build(args):
                 ("jlora", lora_step_of(jlora.lora(model.apply)), adapters)]  # fmt: skip
     if args.fast_backward:
         fast = jlora.lora(model.apply, fast_backward=True)
-        variants.append(("jlora_fast", lora_step_of(fast), adapters))
+        # Its own copy: each variant's state is donated to its step.
+        variants.append(("jlora_fast", lora_step_of(fast), jax.tree.map(jnp.copy, adapters)))
     steps = {}
     for name, fn, state in variants:
         jitted = jax.jit(fn, donate_argnums=(0, 1))
