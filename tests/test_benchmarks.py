@@ -83,3 +83,22 @@ def test_gpu_step_quick(tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
     assert 0 < rows["jlora"]["xla_tflop"] < rows["full"]["xla_tflop"]
     assert result["jlora_over_full"] > 0
+
+
+def test_interleaved_rounds_vary_each_variants_neighbour():
+    """Every variant runs once per round, and a variant does not always follow the same
+    one (a rotation would keep each predecessor: a light step after a heavy one every
+    round measured up to 10 % slow)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import common
+
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+    times, cpu_times = common.interleaved(steps, repeats=8, warmup=1, progress=False)
+    assert {n: len(t) for n, t in times.items()} == dict.fromkeys("abcde", 8)
+    assert {n: len(t) for n, t in cpu_times.items()} == dict.fromkeys("abcde", 8)
+    rounds = [calls[i : i + 5] for i in range(5, len(calls), 5)]  # after the warm-up
+    assert len(rounds) == 8 and all(sorted(r) == list("abcde") for r in rounds)
+    for name in "abcde":
+        before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
+        assert len(before) > 1, (name, rounds)
