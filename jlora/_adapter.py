@@ -464,12 +464,13 @@ def add_delta(weight: Array, delta: Array) -> Array:
 # their add (blocked_add_product); weights below _BLOCKED_MIN elements merge in one go.
 _BLOCK_BYTES = 4 << 20
 _BLOCKED_MIN = 1 << 21
-# bfloat16 weights up to this rank are merged as a sum of rank-1 outer products in one
-# elementwise pass (no matmul, no blocks). Side by side on the 1B-shaped layers at rank 8
-# (2-core CPU, python -m benchmarks.merge --layers 16 --dtypes bfloat16 --warmup 4): in
-# place 379 ms against 638 ms by row blocks, jitted 718 ms against 1113 ms. float32 keeps
-# the row blocks, as fast or faster there (in place, separate runs: 0.50x a copy's time
-# against 0.66x for the outer products).
+# Weights up to this rank are merged as a sum of rank-1 outer products in one elementwise
+# pass (no matmul, no blocks). Side by side on the 1B-shaped layers at rank 8 (2-core CPU,
+# python -m benchmarks.merge --layers 16 --dtypes bfloat16 --warmup 4): in place 379 ms
+# against 638 ms by row blocks, jitted 718 ms against 1113 ms. float32, in place: on one
+# 2-core VM 0.66x a copy's time against 0.50x by row blocks, on another (AMD EPYC, fast
+# memory, two layers) 1.41x against 2.58x: the outer products stay within the 0.7-of-copy
+# bandwidth on both, the blocks on one only.
 _OUTER_MAX_RANK = 8
 
 
@@ -486,14 +487,14 @@ def _f32_to_bf16_bits(x: Array) -> Array:
 
 def blocked_add_product(weight: Array, left: Array, right: Array, scale: float) -> Array | None:
     """``weight + scale·left·right`` (``left`` (rows, r), ``right`` (r, cols)), summed in
-    float32 and cast back, by row blocks or (low-rank bfloat16) in one elementwise
-    pass; None where the one-shot ``add_delta`` is used instead.
+    float32 and cast back, by row blocks or (low rank) in one elementwise pass; None
+    where the one-shot ``add_delta`` is used instead.
 
     Formed whole, the product is a weight-sized float32 temporary written and read
     again, which on CPU makes a merge 3-4x slower than a copy of the weights. By blocks
     of a few MB it stays in cache, and with the weight donated the blocks are written
-    in place. bfloat16 weights up to rank ``_OUTER_MAX_RANK`` have no blocks: the
-    product is a sum of rank-1 outer products in one fused elementwise pass. bfloat16
+    in place. Weights up to rank ``_OUTER_MAX_RANK`` have no blocks: the product is a
+    sum of rank-1 outer products in one fused elementwise pass. bfloat16
     is widened and rounded by its bits (the same values as XLA's convert), which XLA's
     CPU backend runs far faster inside the blocks' loop than its bfloat16 converts (in
     the fused pass the two measured alike). Used on the CPU backend only, for float32
@@ -513,8 +514,7 @@ def blocked_add_product(weight: Array, left: Array, right: Array, scale: float) 
     left, right, factor = left.astype(jnp.float32), right.astype(jnp.float32), jnp.float32(scale)
     # Under the caller's jit the update is traced inline (so a donated weight is updated
     # in place); called eagerly it runs jitted, once per shape, not traced anew per weight.
-    bf16 = jnp.dtype(weight.dtype) == jnp.dtype(jnp.bfloat16)
-    if bf16 and left.shape[1] <= _OUTER_MAX_RANK:
+    if left.shape[1] <= _OUTER_MAX_RANK:
         return (_outer_add if traced else _outer_add_jit)(weight, left, right, factor)
     block = max(8, _BLOCK_BYTES // (4 * cols))
     if block >= rows:
@@ -523,14 +523,17 @@ def blocked_add_product(weight: Array, left: Array, right: Array, scale: float) 
 
 
 def _outer_add(weight: Array, left: Array, right: Array, factor: Array) -> Array:
-    """bfloat16 ``weight + Σ_k left[:, k]·(factor·right[k])`` summed in float32, rounded
-    once: one elementwise pass that XLA fuses whole, so nothing but the result is
-    written (and a donated weight is written in place)."""
-    wide = _bf16_bits_to_f32(jax.lax.bitcast_convert_type(weight, jnp.uint16))
+    """``weight + Σ_k left[:, k]·(factor·right[k])`` summed in float32 (a bfloat16
+    weight rounded once): one elementwise pass that XLA fuses whole, so nothing but the
+    result is written (and a donated weight is written in place)."""
+    bf16 = jnp.dtype(weight.dtype) == jnp.dtype(jnp.bfloat16)
+    wide = _bf16_bits_to_f32(jax.lax.bitcast_convert_type(weight, jnp.uint16)) if bf16 else weight
     right = right * factor
     product = left[:, :1] * right[:1]
     for k in range(1, left.shape[1]):
         product = product + left[:, k : k + 1] * right[k : k + 1]
+    if not bf16:
+        return wide + product
     return jax.lax.bitcast_convert_type(_f32_to_bf16_bits(wide + product), jnp.bfloat16)
 
 

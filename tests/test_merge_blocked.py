@@ -102,19 +102,19 @@ def test_donated_merge_has_no_weight_sized_temporary(dtype, rank):
     assert temp < 0.6 * ROWS * COLS * 4, temp  # the float32 product is not formed whole
 
 
-def test_low_rank_bf16_merge_is_one_elementwise_pass():
-    """bfloat16 up to ``_OUTER_MAX_RANK`` merges with no matmul and no loop, and holds no
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_low_rank_merge_is_one_elementwise_pass(dtype):
+    """Up to ``_OUTER_MAX_RANK`` a weight merges with no matmul and no loop, and holds no
     temporary of even a row block (the one-shot form: 8.7 MB, a block: about 4 MB);
-    above it, and for float32 at any rank, the row blocks run."""
+    above it the row blocks run."""
 
     def compiled(dtype, rank):
         params = {"w": jnp.ones((ROWS, COLS), dtype)}
         adapters = _adapters(params, rank=rank)
         return jax.jit(jlora.merge, donate_argnums=0).lower(params, adapters).compile()
 
-    outer = compiled(jnp.bfloat16, _OUTER_MAX_RANK)
+    outer = compiled(dtype, _OUTER_MAX_RANK)
     hlo = outer.as_text()
     assert " dot(" not in hlo and " while(" not in hlo
     assert outer.memory_analysis().temp_size_in_bytes < 0.05 * ROWS * COLS * 4
-    assert " while(" in compiled(jnp.bfloat16, _OUTER_MAX_RANK + 1).as_text()
-    assert " while(" in compiled(jnp.float32, _OUTER_MAX_RANK).as_text()
+    assert " while(" in compiled(dtype, _OUTER_MAX_RANK + 1).as_text()
