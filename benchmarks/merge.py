@@ -16,9 +16,9 @@ round; rounds interleave the methods:
 ``oneshot``         the one-shot form jlora used before its blocked merge:
                     ``W + s·A·B`` with the whole float32 product formed first
 ``oneshot_inplace`` the same, donated (merged again and again into its own buffers)
-``merge_blocks``    ``merge``, with low-rank bfloat16 merged by row blocks as float32
-                    is (``_OUTER_MAX_RANK`` set to 0 while it compiles): the path the
-                    outer-product pass replaced, side by side
+``merge_blocks``    ``merge``, with low-rank weights merged by row blocks as high-rank
+                    ones are (``_OUTER_MAX_RANK`` set to 0 while it compiles): the path
+                    the outer-product pass replaced, side by side
 ``merge_blocks_inplace``  the same for the donated pair (with
 ``unmerge_blocks_inplace``)
 ==================  ==================================================================
