@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jlora._lowrank import _outer_sum
 from jlora._types import Array
 
 
@@ -528,10 +529,7 @@ def _outer_add(weight: Array, left: Array, right: Array, factor: Array) -> Array
     result is written (and a donated weight is written in place)."""
     bf16 = jnp.dtype(weight.dtype) == jnp.dtype(jnp.bfloat16)
     wide = _bf16_bits_to_f32(jax.lax.bitcast_convert_type(weight, jnp.uint16)) if bf16 else weight
-    right = right * factor
-    product = left[:, :1] * right[:1]
-    for k in range(1, left.shape[1]):
-        product = product + left[:, k : k + 1] * right[k : k + 1]
+    product = _outer_sum(left, right * factor, jnp.float32)
     if not bf16:
         return wide + product
     return jax.lax.bitcast_convert_type(_f32_to_bf16_bits(wide + product), jnp.bfloat16)
